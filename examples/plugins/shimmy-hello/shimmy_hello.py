@@ -1,0 +1,22 @@
+"""A minimal Shimmy plugin: registers one tool, ``hello``, that greets someone."""
+
+from shimmy_core.hookspecs import hookimpl
+
+
+class HelloTool:
+    name = "hello"
+    description = "Greet someone by name."
+    parameters = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "description": "who to greet"}},
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+
+    def run(self, arguments: dict) -> str:
+        return f"Hello, {arguments['name']}!"
+
+
+@hookimpl
+def shimmy_register_tools(register):
+    register(HelloTool())

@@ -1,0 +1,3 @@
+from shimmy_core.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""The neutral contract between the core and inference backends.
+
+A backend loads a model into a :class:`LoadedModel`.  The core hands it a
+:class:`GenerationRequest` (no HTTP, no OpenAI JSON) and receives neutral
+chunks: :class:`TextDelta`, :class:`Finish` and :class:`Usage`.  The
+``openai_api`` package turns those into the wire format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, Sequence, Union, runtime_checkable
+
+if False:  # pragma: no cover - typing only, avoids an import cycle
+    from shimmy_core.models import ModelInfo
+    from shimmy_core.settings import Settings
+
+
+# ---------------------------------------------------------------- errors
+class BackendError(Exception):
+    """Base class of the errors a backend reports; the core maps them to HTTP."""
+
+
+class InvalidPrompt(BackendError):
+    """The request cannot be turned into a prompt (a client mistake, 400)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class ContextLengthExceeded(InvalidPrompt):
+    """The prompt (plus the requested completion) does not fit the context window."""
+
+    def __init__(self, message: str, param: str | None = "messages"):
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot run here (missing extra, no GPU...); the message says how to fix it."""
+
+
+class ModelLoadError(BackendError):
+    """The model file could not be loaded."""
+
+
+# ---------------------------------------------------------------- requests
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one choice.  Defaults are OpenAI's, not llama.cpp's."""
+
+    max_tokens: int | None = None          # None: up to the server ceiling / context
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt: either chat ``messages`` or a raw ``prompt``."""
+
+    messages: tuple[dict, ...] | None = None
+    prompt: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt rendered and tokenized by a loaded model, ready to generate from."""
+
+    text: str
+    tokens: tuple[int, ...]
+    max_tokens: int                     # tokens this prompt may still generate
+    stop: tuple[str, ...] = ()          # request stop strings plus the model's end-of-turn strings
+
+
+# ---------------------------------------------------------------- chunks
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # "stop" | "length"
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+Chunk = Union[TextDelta, Finish, Usage]
+
+
+# ---------------------------------------------------------------- protocols
+@runtime_checkable
+class LoadedModel(Protocol):
+    """A model in memory, shared by all requests for it."""
+
+    context_length: int
+
+    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        """Render and tokenize; raise :class:`InvalidPrompt` for client mistakes."""
+
+    def generate(
+        self, prepared: PreparedPrompt, params: SamplingParams, cancelled: Callable[[], bool]
+    ) -> Iterator[Chunk]:
+        """Yield :class:`TextDelta` chunks, then exactly one :class:`Finish`, then one :class:`Usage`.
+
+        Stop strings are never part of the text.  ``cancelled()`` turning true
+        (client gone, deadline passed) ends generation at the next token.
+        """
+
+    def close(self) -> None:
+        """Free the model's memory."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    formats: Sequence[str]
+
+    def unavailable_reason(self) -> str | None:
+        """``None`` when usable here, else a message naming the fix (e.g. the pip command)."""
+
+    def load(self, model: "ModelInfo", settings: "Settings") -> LoadedModel:
+        """Load ``model``; raise :class:`ModelLoadError` or :class:`BackendUnavailable`."""

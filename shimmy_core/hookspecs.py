@@ -1,0 +1,76 @@
+"""The hooks a Shimmy plugin can implement.
+
+Collection hooks receive a ``register`` callback and may call it any number of
+times.  Decision hooks are ``firstresult``: the first non-``None`` answer wins,
+and Shimmy's own default is marked ``trylast`` so that any plugin can override
+it.  Every hook here is documented in ``docs/hooks.md`` (a test checks it).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from shimmy_core.backend import Backend
+    from shimmy_core.models import DiscoverySource, ModelInfo
+    from shimmy_core.settings import Settings
+
+PROJECT = "shimmy"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def shimmy_register_backends(register: Callable[["Backend"], None]) -> None:
+    """Register inference backends.
+
+    Call ``register(backend)`` for each backend this plugin provides.  A backend
+    has a unique ``name``, the model ``formats`` it serves (``"gguf"``,
+    ``"safetensors"``...) and loads models into objects that generate neutral
+    chunks (see :mod:`shimmy_core.backend`).  Backends never see HTTP.
+    """
+
+
+@hookspec
+def shimmy_register_sources(
+    register: Callable[["DiscoverySource"], None], settings: "Settings"
+) -> None:
+    """Register model discovery sources.
+
+    Call ``register(source)`` for each place this plugin knows how to look for
+    models.  A source has a unique ``name`` and a ``discover()`` method returning
+    :class:`shimmy_core.models.ModelInfo` objects (and skipped files with their
+    reasons).  ``settings`` carries ``--model``/``--model-dir`` and friends.
+    """
+
+
+@hookspec
+def shimmy_register_caches(register: Callable[[object], None]) -> None:
+    """Register response cache implementations.
+
+    Call ``register(cache)`` for each cache this plugin provides; a cache has a
+    unique ``name`` and ``get(key)``/``set(key, value)``/``close()`` methods.
+    """
+
+
+@hookspec
+def shimmy_register_tools(register: Callable[[object], None]) -> None:
+    """Register tools a model can call.
+
+    Call ``register(tool)`` for each tool; a tool has a unique ``name``, a
+    ``description``, a JSON Schema ``parameters`` object and a ``run(arguments)``
+    method.
+    """
+
+
+@hookspec(firstresult=True)
+def shimmy_backend_for_model(model: "ModelInfo", backends: dict[str, "Backend"]) -> str | None:
+    """Choose the backend that serves ``model``; return its name.
+
+    ``backends`` maps registered backend names to backends.  The first plugin
+    that returns a name wins.  Shimmy's default (``trylast``) picks the first
+    backend whose ``formats`` include ``model.format``.
+    """

@@ -1,0 +1,65 @@
+"""Turn a run's neutral ``(index, chunk)`` events into a whole OpenAI response
+or into a stream of SSE bytes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable, Iterator
+
+from shimmy_core.backend import Chunk, Finish, TextDelta, Usage
+from shimmy_core.openai_api import sse
+from shimmy_core.openai_api.errors import from_exception
+from shimmy_core.openai_api.responses import ChoiceState, ResponseBuilder
+
+log = logging.getLogger("shimmy")
+
+
+def collect(builder: ResponseBuilder, events: Iterable[tuple[int, Chunk]]) -> dict:
+    """Run every choice to the end and build the non-streamed response."""
+    choices: dict[int, ChoiceState] = {}
+    usages: list[Usage] = []
+    for index, chunk in events:
+        state = choices.setdefault(index, ChoiceState(index))
+        if isinstance(chunk, TextDelta):
+            state.text += chunk.text
+            state.logprobs.extend(chunk.logprobs)
+        elif isinstance(chunk, Finish):
+            state.finish_reason = chunk.reason
+        elif isinstance(chunk, Usage):
+            usages.append(chunk)
+    return builder.response([choices[i] for i in sorted(choices)], usages)
+
+
+def stream(
+    builder: ResponseBuilder,
+    events: Iterable[tuple[int, Chunk]],
+    include_usage: bool,
+    on_close: Callable[[], None] = lambda: None,
+) -> Iterator[bytes]:
+    """Yield SSE bytes; an error after the headers became a final error event, then ``[DONE]``."""
+    usages: list[Usage] = []
+    started: set[int] = set()
+    offsets: dict[int, int] = {}
+    try:
+        for index, chunk in events:
+            if builder.kind == "chat" and index not in started:
+                started.add(index)
+                yield sse.event(builder.role_chunk(index, include_usage))
+            if isinstance(chunk, TextDelta):
+                if chunk.text or chunk.logprobs:
+                    offset = offsets.get(index, 0)
+                    offsets[index] = offset + len(chunk.text)
+                    yield sse.event(builder.text_chunk(index, chunk.text, chunk.logprobs, offset, include_usage))
+            elif isinstance(chunk, Finish):
+                yield sse.event(builder.finish_chunk(index, chunk.reason, include_usage))
+            elif isinstance(chunk, Usage):
+                usages.append(chunk)
+        if include_usage:
+            yield sse.event(builder.usage_chunk(usages))
+    except GeneratorExit:
+        raise
+    except Exception as exc:  # headers are gone: report in-band, never silence
+        yield sse.event(from_exception(exc).body())
+    finally:
+        on_close()
+    yield sse.DONE

@@ -1,0 +1,105 @@
+"""The OpenAI error envelope and the mapping from exceptions to it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+
+import falcon
+
+from shimmy_core.backend import BackendUnavailable, InvalidPrompt, ModelLoadError
+
+log = logging.getLogger("shimmy")
+
+_STATUS_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+class APIError(Exception):
+    """An error with an HTTP status and an OpenAI error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _STATUS_TYPE.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model {model!r} does not exist. GET /v1/models lists the models this server has.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def from_exception(exc: BaseException) -> APIError:
+    """Map any exception to an :class:`APIError` (backend errors keep their meaning)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidPrompt):
+        return APIError(400, str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, BackendUnavailable):
+        return APIError(503, str(exc), code="backend_unavailable")
+    if isinstance(exc, ModelLoadError):
+        return APIError(500, str(exc), code="model_load_failed")
+    if isinstance(exc, falcon.HTTPError):
+        status = int(str(exc.status).split()[0]) if not isinstance(exc.status, int) else exc.status
+        message = exc.description or exc.title or str(exc.status)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+        return APIError(status, message, code=code, headers=dict(exc.headers or {}))
+    log.error("internal error: %s", "".join(traceback.format_exception(exc)))
+    return APIError(500, "The server had an internal error while processing the request.", code="internal_error")
+
+
+def handle_error(req: falcon.Request, resp: falcon.Response, exc: BaseException, params: dict) -> None:
+    """Falcon error handler: every error leaves as OpenAI JSON, never a traceback."""
+    err = from_exception(exc)
+    resp.status = err.status
+    resp.content_type = falcon.MEDIA_JSON
+    for name, value in err.headers.items():
+        if name.lower() != "content-type":
+            resp.set_header(name, value)
+    resp.text = json.dumps(err.body())
+    resp.stream = None
+
+
+def add_error_handlers(app: falcon.App) -> None:
+    app.add_error_handler(Exception, handle_error)
+    app.add_error_handler(falcon.HTTPError, handle_error)

@@ -1,0 +1,300 @@
+"""Parse and validate OpenAI request bodies into neutral generation requests.
+
+Every client mistake becomes a 400 with ``param`` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import jsonschema
+from jsonschema import Draft202012Validator
+
+from shimmy_core.backend import GenerationRequest, SamplingParams
+from shimmy_core.openai_api.errors import APIError, invalid
+
+MAX_DEPTH = 64
+MAX_STOP = 16
+_INT32 = 2**31 - 1
+
+_NUMBER = {"type": "number"}
+_TEXT_PART = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {"type": {"type": "string"}, "text": {"type": "string"}},
+}
+_COMMON = {
+    "model": {"type": "string", "minLength": 1},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": _INT32},
+    "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": _INT32},
+    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+    "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 128},
+    "stream": {"type": ["boolean", "null"]},
+    "stream_options": {
+        "type": ["object", "null"],
+        "properties": {"include_usage": {"type": "boolean"}},
+    },
+    "stop": {
+        "anyOf": [
+            {"type": "null"},
+            {"type": "string"},
+            {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string"}},
+        ]
+    },
+    "seed": {"type": ["integer", "null"], "minimum": -(2**63), "maximum": 2**64 - 1},
+    "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+    "logit_bias": {
+        "type": ["object", "null"],
+        "maxProperties": 1024,
+        "propertyNames": {"pattern": "^[0-9]{1,10}$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+    },
+    "user": {"type": ["string", "null"]},
+}
+
+CHAT_SCHEMA = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        **_COMMON,
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 4096,
+            "items": {
+                "type": "object",
+                "required": ["role"],
+                "properties": {
+                    "role": {"enum": ["system", "developer", "user", "assistant", "tool", "function"]},
+                    "content": {
+                        "anyOf": [
+                            {"type": "string"},
+                            {"type": "null"},
+                            {"type": "array", "items": _TEXT_PART},
+                        ]
+                    },
+                    "name": {"type": "string"},
+                    "tool_call_id": {"type": "string"},
+                },
+            },
+        },
+        "logprobs": {"type": ["boolean", "null"]},
+        "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+    },
+}
+
+COMPLETION_SCHEMA = {
+    "type": "object",
+    "required": ["model", "prompt"],
+    "properties": {
+        **_COMMON,
+        "prompt": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "minItems": 1, "maxItems": 128, "items": {"type": "string"}},
+            ]
+        },
+        "echo": {"type": ["boolean", "null"]},
+        "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+        "suffix": {"type": ["string", "null"]},
+        "best_of": {"type": ["integer", "null"], "minimum": 1, "maximum": 1},
+    },
+}
+
+_VALIDATORS = {
+    "chat": Draft202012Validator(CHAT_SCHEMA),
+    "completion": Draft202012Validator(COMPLETION_SCHEMA),
+}
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A validated request: one :class:`GenerationRequest` per prompt, ``n`` choices each."""
+
+    kind: str                       # "chat" | "completion"
+    model: str
+    prompts: tuple[GenerationRequest, ...]
+    n: int
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+
+def _reject_constant(name: str):
+    raise APIError(400, f"Invalid JSON number {name}: NaN and Infinity are not allowed.", code="invalid_json")
+
+
+def parse_json(raw: bytes) -> dict:
+    """Decode a request body; malformed, non-object or too deeply nested JSON is a 400."""
+    if not raw:
+        raise invalid("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        text = raw.decode("utf-8")
+        body = json.loads(text, parse_constant=_reject_constant)
+    except APIError:
+        raise
+    except RecursionError:
+        raise invalid("The JSON body is nested too deeply.", code="invalid_json") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise invalid(f"The body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid("The JSON body must be an object.", code="invalid_json")
+    _check_depth(body)
+    return body
+
+
+def _check_depth(value: object) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise invalid(f"The JSON body is nested deeper than {MAX_DEPTH} levels.", code="invalid_json")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def _param_name(error: jsonschema.ValidationError) -> str | None:
+    path = list(error.absolute_path)
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else None
+        path = path + ([missing] if missing else [])
+    if error.validator in ("propertyNames", "additionalProperties") and not path:
+        return None
+    name = ""
+    for part in path:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or None
+
+
+def _describe(error: jsonschema.ValidationError, param: str | None) -> str:
+    where = f"'{param}'" if param else "the request"
+    if error.validator == "required":
+        return f"Missing required parameter: {where}."
+    if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        return f"Invalid value for {where}: {error.instance!r} is out of range ({error.message})."
+    if error.validator in ("type", "anyOf", "enum"):
+        return f"Invalid type or value for {where}: {error.message}."
+    return f"Invalid value for {where}: {error.message}."
+
+
+def _validate(kind: str, body: dict) -> None:
+    validator = _VALIDATORS[kind]
+    error = jsonschema.exceptions.best_match(validator.iter_errors(body))
+    if error is not None:
+        param = _param_name(error)
+        raise invalid(_describe(error, param), param=param, code="invalid_value" if param else None)
+
+
+def _check_text(value: str, param: str) -> str:
+    if "\x00" in value:
+        raise invalid(f"Invalid value for '{param}': text must not contain NUL characters.", param=param)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(
+            f"Invalid value for '{param}': text contains a lone surrogate (invalid Unicode).", param=param
+        ) from None
+    return value
+
+
+def _message_text(message: dict, index: int) -> str | None:
+    content = message.get("content")
+    param = f"messages[{index}].content"
+    if content is None:
+        if message["role"] != "assistant":
+            raise invalid(f"Missing content for a {message['role']} message.", param=param)
+        return None
+    if isinstance(content, str):
+        return _check_text(content, param)
+    texts = []
+    for j, part in enumerate(content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise invalid(
+                f"Unsupported content part type {part.get('type')!r}: this server accepts text parts only.",
+                param=f"{param}[{j}]",
+            )
+        texts.append(_check_text(part["text"], f"{param}[{j}].text"))
+    return "".join(texts)
+
+
+def _finite(body: dict, name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not math.isfinite(value):  # pragma: no cover - NaN/Infinity are refused while parsing
+        raise invalid(f"'{name}' must be a finite number.", param=name)
+    return float(value)
+
+
+def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
+    """Validate ``body`` (already JSON-decoded) for ``kind`` ("chat" or "completion")."""
+    _validate(kind, body)
+    stream = bool(body.get("stream") or False)
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise invalid("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+    n = body.get("n") or 1
+    if n > max_n:
+        raise invalid(f"Invalid value for 'n': at most {max_n} choices per request.", param="n", code="invalid_value")
+
+    stop = body.get("stop")
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    stops = tuple(_check_text(s, "stop") for s in stops if s)
+
+    if kind == "chat":
+        logprobs = bool(body.get("logprobs") or False)
+        top = body.get("top_logprobs")
+        if top is not None and not logprobs:
+            raise invalid("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+        top_logprobs = top or 0
+    else:
+        lp = body.get("logprobs")
+        logprobs, top_logprobs = lp is not None, lp or 0
+
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_finite(body, "temperature", 1.0),
+        top_p=_finite(body, "top_p", 1.0),
+        stop=stops,
+        seed=body.get("seed"),
+        presence_penalty=_finite(body, "presence_penalty", 0.0),
+        frequency_penalty=_finite(body, "frequency_penalty", 0.0),
+        logit_bias=tuple(sorted((int(k), float(v)) for k, v in (body.get("logit_bias") or {}).items())),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+    if kind == "chat":
+        messages = []
+        for i, message in enumerate(body["messages"]):
+            role = "system" if message["role"] == "developer" else message["role"]
+            text = _message_text(message, i)
+            # Templates concatenate content: a null content becomes "" unless tool calls explain it.
+            item = {"role": role, "content": "" if text is None and not message.get("tool_calls") else text}
+            for key in ("name", "tool_call_id", "tool_calls"):
+                if key in message:
+                    item[key] = message[key]
+            messages.append(item)
+        prompts = (GenerationRequest(messages=tuple(messages), params=params),)
+    else:
+        raw = body["prompt"]
+        texts = [raw] if isinstance(raw, str) else raw
+        prompts = tuple(
+            GenerationRequest(prompt=_check_text(t, "prompt"), params=params) for t in texts
+        )
+    return ParsedRequest(
+        kind=kind,
+        model=body["model"],
+        prompts=prompts,
+        n=n,
+        stream=stream,
+        include_usage=bool((options or {}).get("include_usage", False)),
+        echo=bool(body.get("echo") or False) if kind == "completion" else False,
+    )
