@@ -26,6 +26,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from shimmy_plugins.gguf import engine_threads  # noqa: E402
 from shimmy_plugins.local_files import demo_model_path  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -49,7 +50,8 @@ def in_process_rate(model: Path, tokens: int, runs: int) -> float:
     import llama_cpp
     from llama_cpp._internals import LlamaSampler
 
-    llm = llama_cpp.Llama(str(model), n_ctx=8192, n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(),
+    threads, batch_threads = engine_threads()  # the same engine settings as the server's
+    llm = llama_cpp.Llama(str(model), n_ctx=8192, n_threads=threads, n_threads_batch=batch_threads,
                           verbose=False)
     prompt = llm.tokenize(b"<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n"
                           b"<|im_start|>assistant\n", special=True)

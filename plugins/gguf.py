@@ -36,6 +36,17 @@ PENALTY_LAST_N = 256
 _QUEUE_POLL_S = 0.05
 
 
+def engine_threads(requested: int = 0) -> tuple[int, int]:
+    """(decode threads, prompt threads).  By default decode on half the logical cores, as
+    llama.cpp does: decode is memory-bound, and the HTTP side and the client need a core
+    too (measured on 2 cores: 51 tok/s with 1 decode thread against 35 with 2, see
+    docs/performance.md).  Prompt processing is compute-bound and takes every core."""
+    cores = os.cpu_count() or 1
+    if requested:
+        return requested, requested
+    return max(1, cores // 2), cores
+
+
 class GGUFBackend:
     name = "gguf"
     formats = ("gguf",)
@@ -52,7 +63,7 @@ class GGUFBackend:
         if gpu_layers < 0:
             gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         n_ctx = settings.ctx_size or min(model.context_length or 4096, settings.max_ctx)
-        threads = settings.threads or os.cpu_count() or 1
+        threads, batch_threads = engine_threads(settings.threads)
         try:
             llm = llama_cpp.Llama(
                 model_path=model.path,
@@ -60,7 +71,7 @@ class GGUFBackend:
                 n_batch=min(512, n_ctx),
                 n_gpu_layers=gpu_layers,
                 n_threads=threads,
-                n_threads_batch=threads,
+                n_threads_batch=batch_threads,
                 logits_all=False,
                 verbose=False,
             )

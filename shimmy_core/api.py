@@ -39,7 +39,7 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
     length = req.content_length
     if length is not None and length > limit:
         raise APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
-    raw = req.bounded_stream.read(limit + 1)
+    raw = req.bounded_stream.read(limit + 1)  # a chunked body has no length to check up front
     if len(raw) > limit:
         raise APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
     return raw

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from shimmy_core.backend import Chunk, LoadedModel, PreparedPrompt, TextDelta
+from shimmy_core.backend import Chunk, LoadedModel, PreparedPrompt, TextDelta, Usage
 from shimmy_core.models import ModelCatalog, ModelInfo, ModelManager
 from shimmy_core.openai_api.errors import model_not_found
 from shimmy_core.openai_api.requests import ParsedRequest
@@ -42,6 +42,8 @@ class Run:
                 if parsed.echo:
                     yield index, TextDelta(request.prompt or "")
                 for chunk in self.model.generate(prepared, params, cancelled):
+                    if c and isinstance(chunk, Usage):  # a prompt is counted once, not once per choice
+                        chunk = dataclasses.replace(chunk, prompt_tokens=0, cached_tokens=0)
                     yield index, chunk
                 if disconnected():
                     return

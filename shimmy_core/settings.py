@@ -12,6 +12,10 @@ from typing import Any, Mapping
 DEFAULT_PORT = 11435
 
 
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names it."""
+
+
 def _home(env: Mapping[str, str] = os.environ) -> Path:
     return Path(env.get("SHIMMY_HOME") or Path.home() / ".shimmy").expanduser()
 
@@ -45,9 +49,13 @@ class Settings:
             if given is not None and given != () and given != []:
                 values[f.name] = _coerce(f, given)
                 continue
-            raw = env.get(f"SHIMMY_{f.name.upper()}")
+            name = f"SHIMMY_{f.name.upper()}"
+            raw = env.get(name)
             if raw is not None and raw != "":
-                values[f.name] = _coerce(f, raw)
+                try:
+                    values[f.name] = _coerce(f, raw)
+                except ValueError:
+                    raise SettingsError(f"{name}={raw!r} is not a valid {f.type}") from None
         values.setdefault("home", _home(env))
         if not values.get("model_dirs") and env.get("SHIMMY_MODEL_PATHS"):
             values["model_dirs"] = tuple(p for p in env["SHIMMY_MODEL_PATHS"].split(os.pathsep) if p)

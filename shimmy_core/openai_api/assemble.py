@@ -21,6 +21,8 @@ def collect(builder: ResponseBuilder, events: Iterable[tuple[int, Chunk]]) -> di
     for index, chunk in events:
         state = choices.setdefault(index, ChoiceState(index))
         if isinstance(chunk, TextDelta):
+            if chunk.logprobs and not state.logprobs:
+                state.logprob_offset = len(state.text)
             state.text += chunk.text
             state.logprobs.extend(chunk.logprobs)
         elif isinstance(chunk, Finish):

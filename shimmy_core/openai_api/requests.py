@@ -172,15 +172,19 @@ def _param_name(error: jsonschema.ValidationError) -> str | None:
     return name or None
 
 
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _describe(error: jsonschema.ValidationError, param: str | None) -> str:
     where = f"'{param}'" if param else "the request"
     if error.validator == "required":
         return f"Missing required parameter: {where}."
     if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        return f"Invalid value for {where}: {error.instance!r} is out of range ({error.message})."
+        return f"Invalid value for {where}: {_short(repr(error.instance))} is out of range."
     if error.validator in ("type", "anyOf", "enum"):
-        return f"Invalid type or value for {where}: {error.message}."
-    return f"Invalid value for {where}: {error.message}."
+        return f"Invalid type or value for {where}: {_short(error.message)}."
+    return f"Invalid value for {where}: {_short(error.message)}."
 
 
 def _validate(kind: str, body: dict) -> None:
@@ -201,6 +205,20 @@ def _check_text(value: str, param: str) -> str:
             f"Invalid value for '{param}': text contains a lone surrogate (invalid Unicode).", param=param
         ) from None
     return value
+
+
+def _check_strings(value: object, param: str) -> None:
+    """Check every string inside a JSON value (already depth-limited)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, param)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _message_text(message: dict, index: int) -> str | None:
@@ -239,6 +257,12 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
     options = body.get("stream_options")
     if options is not None and not stream:
         raise invalid("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+    # JSON Schema counts 2.0 as an integer; the backends get real ints.
+    for key in ("n", "max_tokens", "max_completion_tokens", "seed", "top_logprobs", "best_of"):
+        if body.get(key) is not None:
+            body[key] = int(body[key])
+    if kind == "completion" and body.get("logprobs") is not None:
+        body["logprobs"] = int(body["logprobs"])
     n = body.get("n") or 1
     if n > max_n:
         raise invalid(f"Invalid value for 'n': at most {max_n} choices per request.", param="n", code="invalid_value")
@@ -278,9 +302,12 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
             text = _message_text(message, i)
             # Templates concatenate content: a null content becomes "" unless tool calls explain it.
             item = {"role": role, "content": "" if text is None and not message.get("tool_calls") else text}
-            for key in ("name", "tool_call_id", "tool_calls"):
+            for key in ("name", "tool_call_id"):
                 if key in message:
-                    item[key] = message[key]
+                    item[key] = _check_text(message[key], f"messages[{i}].{key}")
+            if "tool_calls" in message:
+                _check_strings(message["tool_calls"], f"messages[{i}].tool_calls")
+                item["tool_calls"] = message["tool_calls"]
             messages.append(item)
         prompts = (GenerationRequest(messages=tuple(messages), params=params),)
     else:

@@ -19,6 +19,7 @@ class ChoiceState:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprob_offset: int = 0   # where the first token with logprobs starts in text (after an echo)
 
 
 def usage_body(usages: list[Usage]) -> dict:
@@ -98,7 +99,7 @@ class ResponseBuilder:
                 {
                     "index": c.index,
                     "text": c.text,
-                    "logprobs": _completion_logprobs(c.logprobs, 0) if self.want_logprobs else None,
+                    "logprobs": _completion_logprobs(c.logprobs, c.logprob_offset) if self.want_logprobs else None,
                     "finish_reason": c.finish_reason or "stop",
                 }
                 for c in choices
