@@ -45,6 +45,16 @@ class ModelLoadError(BackendError):
     """The model file could not be loaded."""
 
 
+class Overloaded(BackendError):
+    """Every slot is busy and the queue is full (503 with ``Retry-After``), or a request
+    waited in the queue past its deadline (``timed_out``)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0, timed_out: bool = False):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.timed_out = timed_out
+
+
 # ---------------------------------------------------------------- requests
 @dataclass(frozen=True)
 class SamplingParams:

@@ -32,6 +32,12 @@ class Settings:
     ctx_size: int = 0                     # 0: the model's trained context, capped at max_ctx
     max_ctx: int = 8192
     threads: int = 0                      # llama.cpp threads, 0: automatic
+    parallel: int = 4                     # sequences generated at once per model (slots)
+    queue_size: int = 16                  # requests waiting for a slot before 503
+    queue_timeout: float = 60.0           # seconds a request may wait for a slot
+    batch_size: int = 512                 # llama.cpp logical batch (prompt chunk per step)
+    device: str = "auto"                  # SafeTensors backend: auto, cpu, cuda, mps
+    dtype: str = "auto"                   # SafeTensors backend: auto, float32, float16, bfloat16
     max_tokens_ceiling: int = 4096        # server-side cap on generated tokens per choice
     max_n: int = 16                       # most choices per request
     request_timeout: float = 300.0        # wall-clock deadline of one generation, seconds

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import traceback
 
 import falcon
 
-from shimmy_core.backend import BackendUnavailable, InvalidPrompt, ModelLoadError
+from shimmy_core.backend import BackendUnavailable, InvalidPrompt, ModelLoadError, Overloaded
 
 log = logging.getLogger("shimmy")
 
@@ -75,6 +76,10 @@ def from_exception(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, InvalidPrompt):
         return APIError(400, str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, Overloaded):
+        retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+        code = "queue_timeout" if exc.timed_out else "server_overloaded"
+        return APIError(503, str(exc), type="server_error", code=code, headers=retry)
     if isinstance(exc, BackendUnavailable):
         return APIError(503, str(exc), code="backend_unavailable")
     if isinstance(exc, ModelLoadError):
