@@ -78,11 +78,11 @@ class GenerationResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = parse_json(read_body(req, self.settings.max_body_bytes))
         parsed = parse_request(self.kind, body, self.settings.max_n)
-        # Everything that can fail with a status happens here, before resp.stream is set.
-        run = self.service.start(parsed)
-        builder = ResponseBuilder(self.kind, run.info.id, parsed.prompts[0].params.logprobs)
         disconnected = req.env.get("waitress.client_disconnected") or (lambda: False)
-        events = run.events(disconnected)
+        # Everything that can fail with a status happens here, before resp.stream is set.
+        run = self.service.start(parsed, disconnected)
+        builder = ResponseBuilder(self.kind, run.info.id, parsed.prompts[0].params.logprobs)
+        events = run.events()
         if not parsed.stream:
             with contextlib.closing(events):
                 resp.media = collect(builder, events)

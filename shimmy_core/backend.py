@@ -147,6 +147,13 @@ class LoadedModel(Protocol):
         (client gone, deadline passed) ends generation at the next token.
         """
 
+    # A backend that runs several sequences at once also implements
+    #   generate_choices(choices: Sequence[tuple[PreparedPrompt, SamplingParams]], cancelled)
+    #       -> Iterator[tuple[int, Chunk]]
+    # which accepts (or refuses with Overloaded) every choice of a request before it
+    # returns, and yields (choice index, chunk) pairs as the choices progress.
+    # Without it the core runs the choices one after another through generate().
+
     def close(self) -> None:
         """Free the model's memory."""
 

@@ -1,0 +1,402 @@
+"""Continuous batching for one GGUF model on llama.cpp.
+
+One engine thread per loaded model drives ``llama_decode`` over a context that
+holds several sequences (slots).  Each step builds one ``llama_batch``: the next
+token of every generating sequence, then a chunk of any prompt still being
+prefilled.  A new request joins the running batch at the next step; a finished
+or cancelled sequence frees its slot at once.  A slot keeps the tokens it last
+held in the KV cache, so a prompt sharing a prefix with them (the earlier turns
+of a chat) reuses those cells instead of processing them again.
+
+Request threads never touch llama.cpp here: they submit jobs and read their
+chunks from a bounded buffer.  The engine never waits on a slow reader: a job
+whose buffer is full simply sits out the next steps until it is drained.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import ctypes
+import math
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+from shimmy_core.backend import (
+    Chunk,
+    Finish,
+    Overloaded,
+    PreparedPrompt,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from shimmy_core.stops import StopScanner
+
+PENALTY_LAST_N = 256
+STREAM_BUFFER = 64             # chunks a job may have waiting for its reader before it pauses
+PREFILL_CHUNK_WHILE_DECODING = 128  # prompt tokens per step while other sequences generate
+_IDLE_WAIT_S = 0.05
+
+
+@dataclass(eq=False)
+class Job:
+    """One choice of one request: its prompt, its sampling, its output buffer."""
+
+    index: int
+    prepared: PreparedPrompt
+    params: SamplingParams
+    sink: "Sink"
+    # engine-side state
+    slot: "Slot | None" = None
+    fed: int = 0                 # prompt tokens already in the KV cache
+    cached: int = 0              # of which reused from an earlier request
+    generated: int = 0
+    last_token: int = -1
+    sampler: object = None
+    scanner: StopScanner | None = None
+    decoder: object = None
+    pending_lps: list[TokenLogprob] = field(default_factory=list)
+    done: bool = False
+
+
+class Sink:
+    """Where the engine puts a request's chunks and the request thread reads them."""
+
+    def __init__(self, wake_engine: Callable[[], None]):
+        self._items: collections.deque[tuple[int, Chunk]] = collections.deque()
+        self._backlog: collections.Counter[int] = collections.Counter()
+        self._cond = threading.Condition()
+        self._open_jobs = 0
+        self._wake_engine = wake_engine
+        self.cancelled = False
+        self.admitted = threading.Event()
+        self.error: BaseException | None = None
+
+    # engine side
+    def put(self, index: int, chunk: Chunk) -> None:
+        with self._cond:
+            self._items.append((index, chunk))
+            self._backlog[index] += 1
+            if isinstance(chunk, Usage):
+                self._open_jobs -= 1
+            self._cond.notify()
+
+    def full(self, index: int) -> bool:
+        return self._backlog[index] >= STREAM_BUFFER
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            self.error = error
+            self.admitted.set()
+            self._cond.notify()
+
+    # request side
+    def read(self, cancelled: Callable[[], bool]) -> Iterator[tuple[int, Chunk]]:
+        try:
+            while True:
+                with self._cond:
+                    while not self._items and self._open_jobs > 0 and self.error is None:
+                        if cancelled():
+                            self.cancel()
+                        self._cond.wait(_IDLE_WAIT_S)
+                    items = list(self._items)
+                    self._items.clear()
+                    self._backlog.clear()
+                    finished = self._open_jobs <= 0 or self.error is not None
+                    error = self.error
+                self._wake_engine()  # a paused job may run again
+                yield from items
+                if error is not None:
+                    raise error
+                if finished and not items:
+                    return
+                if cancelled():
+                    self.cancel()
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self._wake_engine()
+
+
+@dataclass(eq=False)
+class Slot:
+    seq: int
+    tokens: list[int] = field(default_factory=list)   # what this sequence holds in the KV cache
+    job: Job | None = None
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Engine:
+    """Schedules jobs onto ``n_slots`` sequences of one llama.cpp context."""
+
+    def __init__(self, model, ctx, *, n_slots: int, n_batch: int, queue_size: int, queue_timeout: float):
+        import llama_cpp
+
+        self._llama = llama_cpp
+        self._model = model           # llama_cpp._internals.LlamaModel
+        self._ctx = ctx               # llama_cpp._internals.LlamaContext
+        self._vocab = model.vocab
+        self._n_vocab = model.n_vocab()
+        self._memory = llama_cpp.llama_get_memory(ctx.ctx)
+        self._n_batch = n_batch
+        self._queue_size = queue_size
+        self._queue_timeout = queue_timeout
+        self._slots = [Slot(seq) for seq in range(n_slots)]
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
+        self._batch = llama_cpp.llama_batch_init(n_batch + n_slots, 0, 1)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._thread = threading.Thread(target=self._run, name="shimmy-gguf-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ request side
+    def submit(
+        self, choices: Sequence[tuple[PreparedPrompt, SamplingParams]], cancelled: Callable[[], bool]
+    ) -> Iterator[tuple[int, Chunk]]:
+        """Queue every choice; wait until the first one has a slot; return the merged chunks.
+
+        Raises :class:`Overloaded` (a 503) when the queue cannot take them or the wait
+        for a slot passes the queue timeout, before anything reached the client.
+        """
+        sink = Sink(self.wake)
+        jobs = [Job(i, prepared, params, sink) for i, (prepared, params) in enumerate(choices)]
+        with self._lock:
+            busy = sum(1 for s in self._slots if s.job is not None)
+            free = len(self._slots) - busy
+            if len(self._waiting) + len(jobs) - free > self._queue_size:
+                raise Overloaded(
+                    f"The server is busy: {busy} requests are generating and {len(self._waiting)} are "
+                    "waiting. Retry shortly.",
+                    retry_after=1.0,
+                )
+            sink._open_jobs = len(jobs)
+            self._waiting.extend(jobs)
+            self._wake.notify()
+        deadline = time.monotonic() + self._queue_timeout
+        while not sink.admitted.wait(_IDLE_WAIT_S):
+            if cancelled():
+                sink.cancel()  # the engine ends the jobs; the reader sees them finish
+                break
+            if time.monotonic() > deadline:
+                sink.cancel()
+                with self._lock:
+                    self._waiting = collections.deque(j for j in self._waiting if j.sink is not sink)
+                raise Overloaded(
+                    f"The request waited {self._queue_timeout:.0f} s for a free slot.", retry_after=1.0,
+                    timed_out=True,
+                )
+        if sink.error is not None:
+            raise sink.error
+        return sink.read(cancelled)
+
+    def wake(self) -> None:
+        with self._lock:
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        self._llama.llama_batch_free(self._batch)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"busy_slots": sum(1 for s in self._slots if s.job), "queued": len(self._waiting)}
+
+    # ------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._admit()
+                active = [s.job for s in self._slots if s.job is not None]
+                if self._closing:
+                    break
+                if not any(self._runnable(j) for j in active):
+                    self._wake.wait(_IDLE_WAIT_S)
+                    continue
+            try:
+                self._step(active)
+            except Exception as exc:  # llama.cpp failed: fail the running jobs, keep serving
+                for job in active:
+                    job.sink.fail(exc)
+                    self._release(job)
+                for slot in self._slots:  # the cache no longer matches what the slots recorded
+                    self._llama.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+                    slot.tokens.clear()
+
+    def _runnable(self, job: Job) -> bool:
+        return job.sink.cancelled or not job.sink.full(job.index)
+
+    def _admit(self) -> None:
+        """Give free slots to waiting jobs (called with the lock held)."""
+        while self._waiting:
+            job = self._waiting[0]
+            if job.sink.cancelled:  # gone before it got a slot
+                self._waiting.popleft()
+                job.sink.put(job.index, Finish("length"))
+                job.sink.put(job.index, Usage(len(job.prepared.tokens), 0))
+                continue
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                return
+            self._waiting.popleft()
+            tokens = job.prepared.tokens
+            slot = max(free, key=lambda s: _common_prefix(s.tokens, tokens))
+            keep = min(_common_prefix(slot.tokens, tokens), len(tokens) - 1)
+            self._llama.llama_memory_seq_rm(self._memory, slot.seq, keep, -1)
+            del slot.tokens[keep:]
+            slot.job, job.slot = job, slot
+            job.fed = job.cached = keep
+            job.sampler = self._sampler(job.params)
+            job.scanner = StopScanner(job.prepared.stop)
+            job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            job.sink.admitted.set()
+
+    def _release(self, job: Job) -> None:
+        slot = job.slot
+        if slot is not None and slot.job is job:
+            slot.job = None
+        job.slot = None
+        job.done = True
+
+    def _finish(self, job: Job, reason: str) -> None:
+        if job.scanner is not None and not job.scanner.stopped:
+            tail, stopped = job.scanner.feed(job.decoder.decode(b"", final=True))
+            tail += job.scanner.flush()
+            reason = "stop" if stopped else reason
+            if tail or job.pending_lps:
+                job.sink.put(job.index, TextDelta(tail, tuple(job.pending_lps)))
+        job.sink.put(job.index, Finish(reason))
+        job.sink.put(job.index, Usage(len(job.prepared.tokens), job.generated, job.cached))
+        self._release(job)
+
+    def _step(self, active: list[Job]) -> None:
+        llama, batch = self._llama, self._batch
+        n = 0
+        outputs: list[tuple[Job, int]] = []
+
+        def add(job: Job, token: int, logits: bool) -> None:
+            nonlocal n
+            slot = job.slot
+            batch.token[n] = token
+            batch.pos[n] = len(slot.tokens)
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.seq
+            batch.logits[n] = logits
+            slot.tokens.append(token)
+            n += 1
+
+        generating = []
+        for job in active:
+            if job.sink.cancelled:
+                self._finish(job, "length")
+            elif job.fed == len(job.prepared.tokens) and not job.sink.full(job.index):
+                generating.append(job)
+        for job in generating:
+            add(job, job.last_token, True)
+            outputs.append((job, n - 1))
+        budget = self._n_batch if not generating else min(self._n_batch, PREFILL_CHUNK_WHILE_DECODING)
+        for job in active:
+            tokens = job.prepared.tokens
+            if job.done or job.fed == len(tokens) or budget <= 0:
+                continue
+            take = min(budget, len(tokens) - job.fed)
+            for i in range(job.fed, job.fed + take):
+                add(job, tokens[i], i == len(tokens) - 1)
+            job.fed += take
+            budget -= take
+            if job.fed == len(tokens):
+                outputs.append((job, n - 1))
+        if n == 0:
+            return
+        batch.n_tokens = n
+        status = llama.llama_decode(self._ctx.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        for job, idx in outputs:
+            self._emit(job, idx)
+
+    def _emit(self, job: Job, idx: int) -> None:
+        """Sample the next token of ``job`` from batch output ``idx`` and pass it on."""
+        token = job.sampler.sample(self._ctx, idx)
+        if self._llama.llama_vocab_is_eog(self._vocab, token):
+            self._finish(job, "stop")
+            return
+        job.generated += 1
+        piece = self._piece(token)
+        if job.params.logprobs:
+            job.pending_lps.append(self._logprob(idx, token, piece, job.params.top_logprobs))
+        text, stopped = job.scanner.feed(job.decoder.decode(piece))
+        if text or (job.pending_lps and not stopped):
+            job.sink.put(job.index, TextDelta(text, tuple(job.pending_lps)))
+            job.pending_lps = []
+        if stopped:
+            self._finish(job, "stop")
+        elif job.generated >= job.prepared.max_tokens:
+            self._finish(job, "length")
+        else:
+            job.last_token = token
+
+    # ------------------------------------------------------------ sampling
+    def _sampler(self, params: SamplingParams):
+        from llama_cpp._internals import LlamaSampler
+
+        sampler = LlamaSampler()
+        if params.logit_bias:
+            sampler.add_logit_bias(self._n_vocab, dict(params.logit_bias))
+        if params.presence_penalty or params.frequency_penalty:
+            sampler.add_penalties(self._n_vocab, PENALTY_LAST_N, 1.0, params.frequency_penalty,
+                                  params.presence_penalty)
+        if params.temperature == 0:
+            sampler.add_greedy()
+            return sampler
+        sampler.add_temp(params.temperature)
+        if params.top_p < 1.0:
+            sampler.add_top_p(params.top_p, 1)
+        seed = secrets.randbits(31) if params.seed is None else params.seed % 0xFFFFFFFF
+        sampler.add_dist(seed)
+        return sampler
+
+    def _piece(self, token: int) -> bytes:
+        n = self._llama.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, False)
+        return self._piece_buf.raw[: max(n, 0)]
+
+    def _logprob(self, idx: int, token: int, piece: bytes, top_n: int) -> TokenLogprob:
+        import numpy as np
+
+        ptr = self._llama.llama_get_logits_ith(self._ctx.ctx, idx)
+        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        lse = peak + math.log(float(np.exp(logits - peak).sum()))
+        top: tuple[TopLogprob, ...] = ()
+        if top_n:
+            best = np.argpartition(-logits, top_n)[:top_n]
+            best = best[np.argsort(-logits[best])]
+            top = tuple(
+                TopLogprob(_text(p := self._piece(int(t))), float(logits[t] - lse), tuple(p)) for t in best
+            )
+        return TokenLogprob(_text(piece), float(logits[token] - lse), tuple(piece), top)
+
+
+def _text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
