@@ -38,6 +38,35 @@ def _parser() -> argparse.ArgumentParser:
                        help="do not fall back to the bundled demo model")
 
     sub.add_parser("plugins", help="list plugins, their hooks and any that failed to load")
+
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--model", dest="models", action="append", metavar="PATH",
+                       help="also look at this model file (repeatable)")
+    where.add_argument("--model-dir", dest="model_dirs", action="append", metavar="DIR",
+                       help="also look in this folder (repeatable; SHIMMY_MODEL_PATHS)")
+    where.add_argument("--no-demo", dest="demo", action="store_const", const=False,
+                       help="leave out the bundled demo model")
+
+    listing = sub.add_parser("list", parents=[where], help="list the models Shimmy finds")
+    listing.add_argument("--json", dest="as_json", action="store_true", help="a JSON array, for scripts")
+    listing.add_argument("--all", dest="show_all", action="store_true", help="also list skipped files and why")
+
+    add = sub.add_parser("add", help="remember a model file or folder (nothing is copied)")
+    add.add_argument("path", metavar="PATH", help="a model file, or a folder holding models")
+    add.add_argument("--name", help="the name to serve it under (default: the file or folder name)")
+
+    remove = sub.add_parser("remove", help="forget a model added with 'shimmy add' (its files stay)")
+    remove.add_argument("name", metavar="NAME")
+
+    sub.add_parser("discover", parents=[where], help="rescan and count models per source and skip reason")
+
+    probe = sub.add_parser("probe", parents=[where], help="load a model, generate a few tokens, time both")
+    probe.add_argument("name", metavar="NAME", help="a model name from 'shimmy list'")
+    probe.add_argument("--prompt", default="Say hello in five words.", help="the user message to send")
+    probe.add_argument("--max-tokens", dest="probe_tokens", type=int, default=32, help="tokens to generate (32)")
+    probe.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU (default: all when available)")
+    probe.add_argument("--ctx-size", type=int, help="context window (default: the model's, up to 8192)")
+    probe.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
     return parser
 
 
@@ -63,6 +92,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         print("No models found. Pass --model PATH or --model-dir DIR, or install the demo: "
               "pip install 'shimmy-server[demo]'")
+    for note in shimmy.catalog.notes():
+        print(f"note: {note}")
+    skipped = shimmy.catalog.skipped()
+    if skipped:
+        print(f"{len(skipped)} file(s) skipped; 'shimmy list --all' says why.")
     return serve(shimmy, announce=lambda line: print(line, flush=True))
 
 
@@ -81,12 +115,211 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 1 if pm.report.failed else 0
 
 
+# ------------------------------------------------------------------ models
+def _catalog(args: argparse.Namespace):
+    from shimmy_core.models import ModelCatalog
+    from shimmy_core.plugin_manager import create_plugin_manager
+    from shimmy_core.registry import build_registry
+
+    settings = _settings(args)
+    pm = create_plugin_manager(settings.disable_plugins)
+    for failure in pm.report.failed:
+        print(f"shimmy: plugin {failure.name!r} failed to load: {failure.error}", file=sys.stderr)
+    catalog = ModelCatalog(build_registry(pm, settings).sources.values())
+    catalog.refresh()
+    return catalog
+
+
+def human_count(n: int | None) -> str:
+    """134_515_008 -> '135M'; 8_030_261_248 -> '8.0B'."""
+    if not n:
+        return "-"
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return str(n)
+
+
+def human_size(n: int | None) -> str:
+    if not n:
+        return "-"
+    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def human_context(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def model_record(info) -> dict:
+    """One ``shimmy list --json`` element."""
+    return {
+        "name": info.id, "format": info.format, "architecture": info.architecture, "parameters": info.parameters,
+        "quantization": info.quantization, "context": info.context_length, "size": info.size_bytes,
+        "source": info.source, "path": info.path, "aliases": list(info.aliases),
+    }
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import json
+
+    catalog = _catalog(args)
+    models = sorted(catalog.list(), key=lambda m: (m.source != "files", m.id.casefold()))
+    skipped = catalog.skipped()
+    if args.as_json:
+        records = [{**model_record(m), "status": "servable"} for m in models]
+        if args.show_all:
+            records += [{"name": s.name or None, "source": s.source, "path": s.path, "status": "skipped",
+                         "category": s.category, "reason": s.reason} for s in skipped]
+        print(json.dumps(records, indent=2))
+        return 0
+    if models:
+        rows = [["NAME", "FORMAT", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "SOURCE"]]
+        rows += [[m.id, m.format, m.architecture or "-", human_count(m.parameters), m.quantization or "-",
+                  human_context(m.context_length), human_size(m.size_bytes), m.source] for m in models]
+        print(_table(rows))
+    else:
+        print("No models found. Add one with 'shimmy add PATH', put GGUF files in ~/.shimmy/models, "
+              "or pull one with Ollama.")
+    for note in catalog.notes():
+        print(f"note: {note}", file=sys.stderr)
+    if args.show_all and skipped:
+        print("\nSkipped:")
+        rows = [["NAME OR PATH", "SOURCE", "REASON"]] + [[s.name or s.path or "-", s.source, s.reason] for s in skipped]
+        print(_table(rows))
+    elif skipped:
+        print(f"\n{len(skipped)} file(s) skipped; 'shimmy list --all' says why.")
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from shimmy_core import model_registry
+
+    settings = _settings(args)
+    try:
+        entry, names = model_registry.add(settings.home, args.path, args.name)
+    except model_registry.RegistryError as exc:
+        print(f"shimmy add: {exc}", file=sys.stderr)
+        return 1
+    print(f"Added {entry.path} as {', '.join(names)}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from shimmy_core import model_registry
+
+    settings = _settings(args)
+    try:
+        entry = model_registry.remove(settings.home, args.name)
+    except model_registry.RegistryError as exc:
+        print(f"shimmy remove: {exc}", file=sys.stderr)
+        return 1
+    print(f"Removed {entry.name} ({entry.path}); its files were not touched.")
+    return 0
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    catalog = _catalog(args)
+    counts = catalog.counts()
+    skipped = catalog.skipped()
+    per_source: dict[str, int] = {}
+    per_reason: dict[str, list] = {}
+    for s in skipped:
+        per_source[s.source] = per_source.get(s.source, 0) + 1
+        per_reason.setdefault(s.category or s.reason, []).append(s)
+    models = catalog.list()
+    print(f"Scanned {len(catalog.sources)} sources in {catalog.scan_seconds():.2f} s: "
+          f"{len(models)} model(s) listed, {len(skipped)} skipped.")
+    rows = [["SOURCE", "FOUND", "LISTED", "SKIPPED"]]
+    rows += [[s.name, str(counts.get(s.name, "failed")), str(sum(m.source == s.name for m in models)),
+              str(per_source.get(s.name, 0))] for s in catalog.sources]
+    print(_table(rows))
+    print("(FOUND counts every name a source has; the same model found twice, or the demo model when "
+          "others exist, is listed once or not at all.)")
+    if per_reason:
+        print("\nSkipped, by reason:")
+        rows = [["REASON", "COUNT", "EXAMPLE"]]
+        rows += [[reason, str(len(items)), f"{items[0].name or items[0].path}: {items[0].reason}"]
+                 for reason, items in sorted(per_reason.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
+        print(_table(rows))
+    for note in catalog.notes():
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    import difflib
+    import time
+
+    from shimmy_core.app import build
+    from shimmy_core.backend import BackendError, Finish, GenerationRequest, SamplingParams, TextDelta, Usage
+
+    shimmy = build(_settings(args))
+    info = shimmy.catalog.get(args.name)
+    if info is None:
+        names = [m.id for m in shimmy.catalog.list()]
+        close = difflib.get_close_matches(args.name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; 'shimmy list' shows the names"
+        print(f"shimmy probe: no model named {args.name!r}{hint}", file=sys.stderr)
+        return 1
+    print(f"{info.id}: {info.format} {info.architecture or ''} {info.quantization or ''} from {info.source} "
+          f"({info.path})")
+    try:
+        started = time.perf_counter()
+        model = shimmy.manager.get(info)
+        loaded = time.perf_counter()
+        params = SamplingParams(max_tokens=args.probe_tokens, temperature=0.0)
+        prepared = model.prepare(GenerationRequest(messages=({"role": "user", "content": args.prompt},),
+                                                   params=params))
+        text, usage, reason, first = [], None, "?", None
+        generating = time.perf_counter()
+        for chunk in model.generate(prepared, params, lambda: False):
+            if isinstance(chunk, TextDelta):
+                first = first or time.perf_counter()
+                text.append(chunk.text)
+            elif isinstance(chunk, Finish):
+                reason = chunk.reason
+            elif isinstance(chunk, Usage):
+                usage = chunk
+        done = time.perf_counter()
+    except BackendError as exc:
+        print(f"shimmy probe: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shimmy.close()
+    tokens = usage.completion_tokens if usage else 0
+    seconds = done - generating
+    print(f"load time: {loaded - started:.2f} s")
+    if first is not None:
+        print(f"first token: {first - generating:.2f} s after a {usage.prompt_tokens if usage else '?'}-token prompt")
+    after_first = f"; {(tokens - 1) / (done - first):.1f} tokens/s after the first" if first and tokens > 1 else ""
+    print(f"generated {tokens} tokens in {seconds:.2f} s: {tokens / seconds if seconds > 0 else 0:.1f} tokens/s"
+          f"{after_first} (finish: {reason})")
+    print(f"reply: {''.join(text).strip()!r}")
+    return 0
+
+
+COMMANDS = {
+    "serve": cmd_serve, "plugins": cmd_plugins, "list": cmd_list, "add": cmd_add, "remove": cmd_remove,
+    "discover": cmd_discover, "probe": cmd_probe,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        return cmd_serve(args)
-    if args.command == "plugins":
-        return cmd_plugins(args)
-    parser.print_help()
-    return 0
+    command = COMMANDS.get(args.command)
+    if command is None:
+        parser.print_help()
+        return 0
+    return command(args)

@@ -127,10 +127,6 @@ class Found:
     result: ModelFacts | Skip
     names: tuple[str, ...] = ()  # file names a request may also use
 
-    @property
-    def servable(self) -> bool:
-        return isinstance(self.result, ModelFacts)
-
     def add_to(self, result: DiscoveryResult, source: str, model_id: str = "", *, aliases: Iterable[str] = (),
                owned_by: str = "local", extra: Mapping[str, Any] | None = None) -> None:
         """Append this find to ``result``: a model named ``model_id`` or a skipped file."""
@@ -150,8 +146,10 @@ def gguf_stem(name: str) -> str:
 
 
 def file_names(path: Path) -> tuple[str, ...]:
-    """The names a request may use for a model file: with and without ``.gguf``."""
-    return tuple(dict.fromkeys((path.name, gguf_stem(path.name), path.name[:-5] if path.name.lower().endswith(".gguf") else path.name)))
+    """The names a request may use for a model file: its name with and without ``.gguf``."""
+    if path.name.lower().endswith(".gguf"):
+        return (path.name, path.name[: -len(".gguf")])
+    return (path.name,)
 
 
 # ------------------------------------------------------------------ classification
@@ -226,12 +224,12 @@ def classify_loose_safetensors(path: Path, header: SafeTensorsHeader | None) -> 
     return Skip("SafeTensors weights without config.json next to them (not a model folder)", NOT_A_MODEL)
 
 
-def _gguf_error_skip(exc: GGUFError, size: int) -> Skip:
+def _gguf_error_skip(exc: GGUFError, size: int, name: str) -> Skip:
     reason = str(exc)
     if size == 0:
         return Skip("empty file (0 bytes; incomplete download?)", CORRUPT)
     if reason.startswith("not a GGUF file"):
-        return Skip(f"named .gguf but {reason}", NOT_GGUF)
+        return Skip(f"named .gguf but {reason}" if name.lower().endswith(".gguf") else reason, NOT_GGUF)
     return Skip(f"corrupt GGUF header: {reason}", CORRUPT)
 
 
@@ -303,7 +301,7 @@ class Scanner:
             try:
                 return read_gguf_header(path)
             except GGUFError as exc:
-                return _gguf_error_skip(exc, st.st_size)
+                return _gguf_error_skip(exc, st.st_size, path.name)
             except OSError as exc:
                 return _oserror_skip(exc)
 
@@ -328,11 +326,14 @@ class Scanner:
             st = st or os.stat(path)
         except OSError as exc:
             return _missing_skip(path, exc)
-        header = self._header(path, st)
-        if isinstance(header, Skip):
-            return header
-        skip = classify_gguf(header, path.name)
-        return skip or _gguf_facts(path, header, st.st_size, int(st.st_mtime), parts=())
+        def describe() -> ModelFacts | Skip:
+            header = self._header(path, st)
+            if isinstance(header, Skip):
+                return header
+            skip = classify_gguf(header, path.name)
+            return skip or _gguf_facts(path, header, st.st_size, int(st.st_mtime), parts=())
+
+        return self.cached("gguf-model", path, _stat_key(st), describe)
 
     def gguf_split(self, parts: dict[int, Path], count: int) -> ModelFacts | Skip:
         """Describe a split GGUF set (``-00001-of-00003.gguf``...) as one model loaded from part 1."""
@@ -447,7 +448,8 @@ class Scanner:
             architecture=str(config.get("model_type") or (archs[0] if archs else "")) or None,
             quantization=_safetensors_quant(config, dtypes),
             parameters=params or None,
-            extra={"architectures": archs, "dtypes": dtypes, "shards": len(shards)},
+            extra={"architectures": archs, "dtypes": dtypes, "shards": len(shards),
+                   "real_path": os.path.realpath(directory)},
         )
 
     def loose_safetensors(self, path: Path, st: os.stat_result | None = None) -> Skip:
@@ -461,39 +463,30 @@ class Scanner:
         return classify_loose_safetensors(path, header)
 
     # ---------------------------------------------------------------- one path
-    def path(self, path: Path, stem: str | None = None) -> list[Found]:
+    def path(self, path: Path) -> list[Found]:
         """A file or folder someone named (``--model``, ``shimmy add``): one model, or a folder walk."""
         if path.is_dir():
             return self.walk(path)
         name = path.name
         low = name.lower()
         if not path.exists():
-            return [Found(path, "", stem or gguf_stem(name), Skip("no such file or folder", MISSING))]
+            return [Found(path, "", gguf_stem(name), Skip("no such file or folder", MISSING))]
         if low.endswith(INCOMPLETE_SUFFIXES):
-            return [Found(path, "", stem or name, _incomplete_skip())]
+            return [Found(path, "", name, _incomplete_skip())]
         match = SPLIT_RE.match(name)
         if match:
-            found = self._split_set(path.parent, match.group("base"), int(match.group("count")), "")
+            base, count = match.group("base"), int(match.group("count"))
+            found = self._split_set(path.parent, base, count, "", _split_parts(path.parent, base, count))
             if int(match.group("no")) != 1:
                 found = Found(path, "", found.stem, Skip(
                     f"part {int(match.group('no'))} of a split model: name the first part "
                     f"({found.path.name})", NOT_A_MODEL))
             return [found]
         if low.endswith(".safetensors"):
-            return [Found(path, "", stem or name, self.loose_safetensors(path))]
-        return [Found(path, "", stem or gguf_stem(name), self.gguf(path), file_names(path))]
+            return [Found(path, "", name, self.loose_safetensors(path))]
+        return [Found(path, "", gguf_stem(name), self.gguf(path), file_names(path))]
 
-    def _split_set(self, directory: Path, base: str, count: int, rel: str) -> Found:
-        parts: dict[int, Path] = {}
-        pattern = re.compile(re.escape(base) + r"-(\d{5})-of-" + f"{count:05d}" + r"\.gguf$", re.IGNORECASE)
-        try:
-            with os.scandir(directory) as it:
-                for entry in it:
-                    m = pattern.match(entry.name)
-                    if m:
-                        parts[int(m.group(1))] = Path(entry.path)
-        except OSError:
-            pass
+    def _split_set(self, directory: Path, base: str, count: int, rel: str, parts: dict[int, Path]) -> Found:
         first = parts.get(1) or directory / f"{base}-00001-of-{count:05d}.gguf"
         return Found(first, _join(rel, first.name), base, self.gguf_split(parts, count), file_names(first) + (base,))
 
@@ -549,7 +542,7 @@ class Scanner:
         is_folder_model = is_folder_model or "adapter_config.json" in names or "model_index.json" in names
         if is_folder_model:
             out.append(Found(directory, rel, directory.name, self.folder(directory, names)))
-        splits: dict[tuple[str, int], None] = {}
+        splits: dict[tuple[str, int], dict[int, Path]] = {}
         for entry in files:
             name = entry.name
             low = name.lower()
@@ -557,7 +550,8 @@ class Scanner:
             if ext == ".gguf":
                 match = SPLIT_RE.match(name)
                 if match:
-                    splits.setdefault((match.group("base"), int(match.group("count"))))
+                    key = (match.group("base"), int(match.group("count")))
+                    splits.setdefault(key, {})[int(match.group("no"))] = Path(entry.path)
                     continue
                 path = Path(entry.path)
                 try:
@@ -575,9 +569,10 @@ class Scanner:
                     skip = _missing_skip(path, exc)
                 out.append(Found(path, _join(rel, name), name, skip))
             elif ext in UNSUPPORTED_EXTENSIONS:
-                out.append(Found(Path(entry.path), _join(rel, name), name, Skip(UNSUPPORTED_EXTENSIONS[ext], UNSUPPORTED)))
-        for base, count in splits:
-            out.append(self._split_set(directory, base, count, rel))
+                skip = Skip(UNSUPPORTED_EXTENSIONS[ext], UNSUPPORTED)
+                out.append(Found(Path(entry.path), _join(rel, name), name, skip))
+        for (base, count), parts in splits.items():
+            out.append(self._split_set(directory, base, count, rel, parts))
         return "model_index.json" in names
 
 
@@ -586,6 +581,21 @@ class _WalkState:
     budget: int
     visited: set[tuple[int, int]] = field(default_factory=set)
     exhausted: bool = False
+
+
+def _split_parts(directory: Path, base: str, count: int) -> dict[int, Path]:
+    """The parts of the split set ``base-NNNNN-of-<count>.gguf`` present in ``directory``."""
+    pattern = re.compile(re.escape(base) + r"-(\d{5})-of-" + f"{count:05d}" + r"\.gguf$", re.IGNORECASE)
+    parts: dict[int, Path] = {}
+    try:
+        with os.scandir(directory) as it:
+            for entry in it:
+                m = pattern.match(entry.name)
+                if m:
+                    parts[int(m.group(1))] = Path(entry.path)
+    except OSError:
+        pass
+    return parts
 
 
 def _join(rel: str, name: str) -> str:
@@ -620,7 +630,7 @@ def _json_or_skip(path: Path) -> Any:
 
 
 def _gguf_facts(path: Path, header: GGUFHeader, size: int, created: int, parts: tuple[str, ...]) -> ModelFacts:
-    extra: dict[str, Any] = {"has_chat_template": header.has_chat_template}
+    extra: dict[str, Any] = {"has_chat_template": header.has_chat_template, "real_path": os.path.realpath(path)}
     if header.name:
         extra["title"] = header.name
     if parts:
@@ -644,52 +654,58 @@ def _safetensors_quant(config: Mapping[str, Any], dtypes: Mapping[str, int]) -> 
         label = str(quant["quant_method"]).upper()
         bits = quant.get("bits") or (4 if quant.get("load_in_4bit") else 8 if quant.get("load_in_8bit") else None)
         return f"{label} {bits}-bit" if isinstance(bits, int) else label
+    mlx = config.get("quantization")
+    if isinstance(mlx, dict) and isinstance(mlx.get("bits"), int):
+        return f"MLX {mlx['bits']}-bit"
     return max(dtypes, key=dtypes.__getitem__) if dtypes else None
 
 
 # ------------------------------------------------------------------ naming helpers
-def repo_names(base: str, found: list[Found]) -> dict[int, tuple[str, tuple[str, ...]]]:
+def repo_names(base: str, found: list[Found], root: str = "") -> dict[int, tuple[str, tuple[str, ...]]]:
     """Names for the models of one repository (a Hugging Face repo, an LM Studio folder...).
 
     One model: ``base`` (and ``base:stem`` as an alias, so the name survives a second
     download).  Several: ``base:stem`` each (``base:sub/stem`` where stems collide), plus
-    ``base:QUANT`` as an alias when that quantization is unique in the repo.  Returns
-    ``{index in found: (id, aliases)}`` for the servable entries.
+    ``base:QUANT`` as an alias when that quantization is unique in the repo.  A SafeTensors
+    folder at the repository's root (``root``, relative to the scan) is labelled
+    ``safetensors``.  Returns ``{index in found: (id, aliases)}`` for the servable entries.
     """
-    models = [(i, f) for i, f in enumerate(found) if isinstance(f.result, ModelFacts)]
-    stems = [f.stem if f.path.is_dir() is False else _folder_label(f) for _, f in models]
-    counts: dict[str, int] = {}
-    for stem in stems:
-        counts[stem] = counts.get(stem, 0) + 1
-    quants: dict[str, int] = {}
-    for _, f in models:
-        q = f.result.quantization  # type: ignore[union-attr]
-        if q:
-            quants[q] = quants.get(q, 0) + 1
+    models = [(i, f, f.result) for i, f in enumerate(found) if isinstance(f.result, ModelFacts)]
+    labels = [_label(f, facts, root, nested=False) for _, f, facts in models]
+    quants = [facts.quantization for _, _, facts in models]
     names: dict[int, tuple[str, tuple[str, ...]]] = {}
-    for (i, f), stem in zip(models, stems):
-        label = stem if counts[stem] == 1 else _rel_label(f)
-        quant = f.result.quantization  # type: ignore[union-attr]
-        extra = (f"{base}:{quant}",) if quant and quants[quant] == 1 else ()
+    for (i, f, facts), label, quant in zip(models, labels, quants):
+        if labels.count(label) > 1:
+            label = _label(f, facts, root, nested=True)
+        alias = (f"{base}:{quant}",) if quant and quants.count(quant) == 1 and quant != label else ()
         if len(models) == 1:
-            names[i] = (base, (f"{base}:{label}", *extra))
+            names[i] = (base, (f"{base}:{label}", *alias))
         else:
-            names[i] = (f"{base}:{label}", extra)
+            names[i] = (f"{base}:{label}", alias)
     return names
 
 
-def _folder_label(found: Found) -> str:
-    return found.rel or found.path.name
-
-
-def _rel_label(found: Found) -> str:
-    if found.path.is_dir():
-        return found.rel or found.path.name
-    parent = found.rel.rsplit("/", 1)[0] if "/" in found.rel else ""
-    return _join(parent, found.stem)
+def _label(found: Found, facts: ModelFacts, root: str, *, nested: bool) -> str:
+    rel = found.rel
+    if root and (rel == root or rel.startswith(root + "/")):
+        rel = rel[len(root):].lstrip("/")
+    if facts.format != "gguf":
+        return rel or facts.format
+    if not nested or "/" not in rel:
+        return found.stem
+    return _join(rel.rsplit("/", 1)[0], found.stem)
 
 
 def add_all(result: DiscoveryResult, found: Iterable[Found], source: str, owned_by: str = "local") -> None:
     """Add finds named after their files (``model.Q4_K_M.gguf`` -> ``model.Q4_K_M``)."""
     for item in found:
         item.add_to(result, source, owned_by=owned_by)
+
+
+def add_named(result: DiscoveryResult, found: list[Found], base: str, source: str, *,
+              owned_by: str = "local", root: str = "") -> None:
+    """Add the finds of one repository-like folder, named with :func:`repo_names`."""
+    names = repo_names(base, found, root)
+    for index, item in enumerate(found):
+        model_id, aliases = names.get(index, (base, ()))
+        item.add_to(result, source, model_id, aliases=aliases, owned_by=owned_by)

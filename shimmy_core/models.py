@@ -3,9 +3,10 @@ names them, and the manager that loads each one once and shares it."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
 
 from shimmy_core.backend import BackendUnavailable, LoadedModel
@@ -43,11 +44,17 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class SkippedFile:
-    """A file a source saw but will not serve, and why."""
+    """A file a source saw but will not serve, and why.
+
+    ``category`` groups reasons (``adapter``, ``projector``, ``incomplete``...; see
+    :mod:`shimmy_core.discovery`); ``name`` is the name the source would have used, if any.
+    """
 
     path: str
     reason: str
     source: str = ""
+    category: str = ""
+    name: str = ""
 
 
 @dataclass
@@ -58,81 +65,182 @@ class DiscoveryResult:
 
 @runtime_checkable
 class DiscoverySource(Protocol):
+    """A place to look for models.  An optional ``priority`` (int, lower first, default
+    ``DEFAULT_PRIORITY``) decides who keeps a bare name that two sources both use."""
+
     name: str
 
     def discover(self) -> DiscoveryResult:
         """Look for models now; must be fast and must not load any model."""
 
 
+DEFAULT_PRIORITY = 60
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    models: dict[str, ModelInfo]
+    aliases: dict[str, str]
+    folded: dict[str, str]
+    skipped: list[SkippedFile]
+    notes: list[str]
+    counts: dict[str, int]
+    scanned_at: float
+    seconds: float
+
+
+_EMPTY = _Snapshot({}, {}, {}, [], [], {}, float("-inf"), 0.0)
+
+
 class ModelCatalog:
     """Every model the registered sources find, under unique, stable ids.
 
-    Discovery results are cached; :meth:`refresh` rescans (cheap, header reads only).
+    Sources are asked in priority order (``--model`` files, ``shimmy add``, model folders,
+    Ollama, Hugging Face, LM Studio, the demo model).  The same model file found twice is
+    listed once, its other names kept as aliases.  Two different models with the same
+    name: the first keeps it, the other is listed as ``source:name``; every model also
+    answers to ``source:name``, and :meth:`notes` says what happened.  Discovery results
+    are cached; :meth:`refresh` rescans (cheap: headers are cached by the sources), and
+    :meth:`list`/:meth:`get` rescan at most every ``refresh_interval`` seconds, so a running
+    server sees models added or removed.
     """
 
     def __init__(self, sources: Iterable[DiscoverySource], refresh_interval: float = 2.0):
-        self._sources = list(sources)
-        self._lock = threading.Lock()
-        self._models: dict[str, ModelInfo] = {}
-        self._aliases: dict[str, str] = {}
-        self._skipped: list[SkippedFile] = []
-        self._scanned_at = 0.0
+        self._sources = sorted(sources, key=lambda s: getattr(s, "priority", DEFAULT_PRIORITY))
+        self._refresh_lock = threading.Lock()
+        self._snap = _EMPTY
         self._refresh_interval = refresh_interval
 
+    @property
+    def sources(self) -> list[DiscoverySource]:
+        return list(self._sources)
+
     def refresh(self) -> None:
-        models: dict[str, ModelInfo] = {}
-        aliases: dict[str, str] = {}
+        """Rescan every source now (one scan at a time: sources keep caches)."""
+        with self._refresh_lock:
+            self._scan()
+
+    def _scan(self) -> None:
+        started = time.monotonic()
+        found: list[ModelInfo] = []
         skipped: list[SkippedFile] = []
+        counts: dict[str, int] = {}
         for source in self._sources:
             try:
                 result = source.discover()
             except Exception as exc:  # a broken source must not hide the others
-                skipped.append(SkippedFile(path="", reason=f"source failed: {exc}", source=source.name))
+                skipped.append(SkippedFile("", f"source failed: {type(exc).__name__}: {exc}", source.name,
+                                           category="source-failed"))
                 continue
+            counts[source.name] = len(result.models)
             skipped.extend(result.skipped)
-            for info in result.models:
-                if info.id in models:
-                    if models[info.id].path == info.path:
-                        continue  # the same file found twice
-                    qualified = f"{info.source}:{info.id}"
-                    info = _with_id(info, qualified)
-                models[info.id] = info
-        if any(not info.extra.get("fallback") for info in models.values()):
+            found.extend(result.models)
+        if any(not info.extra.get("fallback") for info in found):
             # A fallback (the demo model) is served only when nothing else is found.
-            models = {k: v for k, v in models.items() if not v.extra.get("fallback")}
-        for model_id, info in models.items():
-            for alias in info.aliases:
-                aliases.setdefault(alias, model_id)
-        with self._lock:
-            self._models, self._aliases, self._skipped = models, aliases, skipped
-            self._scanned_at = time.monotonic()
+            found = [info for info in found if not info.extra.get("fallback")]
+        models, aliases, notes = _name(found)
+        folded: dict[str, str] = {}
+        for name, target in [*((k, k) for k in models), *aliases.items()]:
+            key = name.casefold()
+            folded[key] = target if folded.get(key, target) == target else ""
+        self._snap = _Snapshot(models, aliases, {k: v for k, v in folded.items() if v}, skipped, notes,
+                               counts, time.monotonic(), time.monotonic() - started)
 
-    def _fresh(self) -> None:
-        if time.monotonic() - self._scanned_at > self._refresh_interval:
-            self.refresh()
+    def _fresh(self) -> _Snapshot:
+        """The current snapshot, rescanned first when older than the interval.  While one thread
+        rescans, the others go on with the previous snapshot instead of waiting for it."""
+        snap = self._snap
+        if time.monotonic() - snap.scanned_at > self._refresh_interval:
+            first = snap is _EMPTY
+            if self._refresh_lock.acquire(blocking=first):
+                try:
+                    if time.monotonic() - self._snap.scanned_at > self._refresh_interval:
+                        self._scan()
+                finally:
+                    self._refresh_lock.release()
+        return self._snap
 
     def list(self) -> list[ModelInfo]:
-        self._fresh()
-        return list(self._models.values())
+        return list(self._fresh().models.values())
 
     def skipped(self) -> list[SkippedFile]:
-        self._fresh()
-        return list(self._skipped)
+        return list(self._fresh().skipped)
+
+    def notes(self) -> list[str]:
+        """Name clashes and duplicates resolved by the last scan, in words."""
+        return list(self._fresh().notes)
+
+    def counts(self) -> dict[str, int]:
+        """Models each source found in the last scan (before duplicates were merged)."""
+        return dict(self._fresh().counts)
+
+    def scan_seconds(self) -> float:
+        return self._fresh().seconds
 
     def get(self, model_id: str) -> ModelInfo | None:
-        """Find a model by id or alias.  Only known ids resolve: a path is just an unknown name."""
-        self._fresh()
-        models, aliases = self._models, self._aliases
-        if model_id in models:
-            return models[model_id]
-        target = aliases.get(model_id)
-        return models.get(target) if target else None
+        """Find a model by id, alias (file name, with or without ``.gguf``; ``source:id``), or either
+        spelled in another case when that is unambiguous.  A path is just an unknown name."""
+        snap = self._fresh()
+        if model_id in snap.models:
+            return snap.models[model_id]
+        target = snap.aliases.get(model_id) or snap.folded.get(model_id.casefold())
+        return snap.models.get(target) if target else None
 
 
-def _with_id(info: ModelInfo, new_id: str) -> ModelInfo:
-    from dataclasses import replace
+def _identity(info: ModelInfo) -> tuple[str, Any]:
+    """Two finds are the same model when they load the same file the same way.
 
-    return replace(info, id=new_id)
+    Sources may pass the resolved path as ``extra["real_path"]`` (computed once, cached).
+    """
+    path = info.extra.get("real_path")
+    if not isinstance(path, str):
+        try:
+            path = os.path.realpath(info.path)
+        except (OSError, ValueError):
+            path = info.path
+    return path, info.extra.get("variant")
+
+
+def _name(found: list[ModelInfo]) -> tuple[dict[str, ModelInfo], dict[str, str], list[str]]:
+    """Unique ids, aliases and notes for ``found`` (already in priority order)."""
+    by_identity: dict[tuple[str, Any], int] = {}
+    unique: list[ModelInfo] = []
+    more_names: list[list[str]] = []
+    notes: list[str] = []
+    for info in found:
+        key = _identity(info)
+        if key in by_identity:
+            index = by_identity[key]
+            first = unique[index]
+            more_names[index] += [info.id, f"{info.source}:{info.id}", *info.aliases]
+            if info.source != first.source:
+                notes.append(f"{info.source} also has {first.id!r} ({info.path}) as {info.id!r}: listed once, "
+                             f"both names work")
+            continue
+        by_identity[key] = len(unique)
+        unique.append(info)
+        more_names.append([f"{info.source}:{info.id}"])
+
+    models: dict[str, ModelInfo] = {}
+    for info in unique:
+        if info.id in models:
+            other = models[info.id]
+            qualified, n = f"{info.source}:{info.id}", 2
+            while qualified in models:
+                qualified, n = f"{info.source}:{info.id}~{n}", n + 1
+            notes.append(f"{info.id!r} names two models: {other.source} {other.path} keeps it, "
+                         f"{info.source} {info.path} is listed as {qualified!r}")
+            info = replace(info, id=qualified)
+        models[info.id] = info
+
+    aliases: dict[str, str] = {}
+    # Source-qualified names first, then other names of merged duplicates, then file names.
+    for group in (lambda i: more_names[i][:1], lambda i: more_names[i][1:], lambda i: unique[i].aliases):
+        for index, model_id in enumerate(models):
+            for alias in group(index):
+                if alias not in models:
+                    aliases.setdefault(alias, model_id)
+    return models, aliases, notes
 
 
 class ModelManager:
@@ -172,6 +280,13 @@ class ModelManager:
 
     def loaded_paths(self) -> list[str]:
         return list(self._loaded)
+
+    def stats(self) -> list[dict]:
+        """What each loaded model is doing (``busy_slots``, ``queued``... where the backend says)."""
+        return [
+            {"path": path, **(loaded.stats() if hasattr(loaded, "stats") else {})}
+            for path, loaded in list(self._loaded.items())
+        ]
 
     def close(self) -> None:
         for loaded in self._loaded.values():
