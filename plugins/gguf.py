@@ -19,7 +19,13 @@ from shimmy_core.backend import (
     PreparedPrompt,
     SamplingParams,
 )
-from shimmy_core.chat_template import CHATML_FALLBACK, ChatTemplate, TemplateError, template_stop_strings
+from shimmy_core.chat_template import (
+    BUILTIN_TEMPLATES,
+    CHATML_FALLBACK,
+    ChatTemplate,
+    TemplateError,
+    template_stop_strings,
+)
 from shimmy_core.hookspecs import hookimpl
 from shimmy_plugins.gguf_engine import Engine
 
@@ -79,13 +85,19 @@ class GGUFBackend:
             raise ModelLoadError(f"could not create a context for {model.id!r}: {exc}") from exc
         engine = Engine(lmodel, ctx, n_slots=slots, n_batch=cparams.n_batch, queue_size=settings.queue_size,
                         queue_timeout=settings.queue_timeout)
-        return GGUFModel(lmodel, ctx, engine, llama_cpp.llama_n_ctx_seq(ctx.ctx), settings.max_tokens_ceiling)
+        return GGUFModel(lmodel, ctx, engine, llama_cpp.llama_n_ctx_seq(ctx.ctx), settings.max_tokens_ceiling,
+                         hints=model.extra)
 
 
 class GGUFModel:
     """A loaded llama.cpp model: its chat template, its tokenizer and the engine that runs it."""
 
-    def __init__(self, lmodel, ctx, engine: Engine, context_length: int, max_tokens_ceiling: int):
+    def __init__(self, lmodel, ctx, engine: Engine, context_length: int, max_tokens_ceiling: int,
+                 hints: dict | None = None):
+        """``hints`` come from discovery (an Ollama manifest): ``template_hint`` names a
+        prompt format for files without a template, ``stop`` adds stop strings and
+        ``system`` is the default system prompt."""
+        hints = hints or {}
         self._model = lmodel
         self._ctx = ctx
         self.engine = engine
@@ -96,13 +108,15 @@ class GGUFModel:
         self.bos_text = lmodel.token_get_text(bos) if bos >= 0 else ""
         eos_text = lmodel.token_get_text(eos) if eos >= 0 else ""
         self.add_bos = bool(lmodel.add_bos_token()) and bos >= 0
-        source = lmodel.metadata().get("tokenizer.chat_template") or CHATML_FALLBACK
+        fallback = BUILTIN_TEMPLATES.get(hints.get("template_hint") or "chatml", CHATML_FALLBACK)
+        source = lmodel.metadata().get("tokenizer.chat_template") or fallback
         try:
             self.template = ChatTemplate(source, bos_token=self.bos_text, eos_token=eos_text)
         except TemplateError:
-            self.template = ChatTemplate(CHATML_FALLBACK, bos_token=self.bos_text, eos_token=eos_text)
-            source = CHATML_FALLBACK
-        self.turn_stops = tuple(template_stop_strings(source))
+            self.template = ChatTemplate(fallback, bos_token=self.bos_text, eos_token=eos_text)
+            source = fallback
+        self.turn_stops = tuple(template_stop_strings(source)) + tuple(hints.get("stop", ()))
+        self.default_system = hints.get("system")
 
     # ------------------------------------------------------------ prompts
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
@@ -110,8 +124,11 @@ class GGUFModel:
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         if request.messages is not None:
+            messages = [dict(m) for m in request.messages]
+            if self.default_system and not any(m["role"] == "system" for m in messages):
+                messages.insert(0, {"role": "system", "content": self.default_system})
             try:
-                text = self.template.render([dict(m) for m in request.messages], add_generation_prompt=True)
+                text = self.template.render(messages, add_generation_prompt=True)
             except TemplateError as exc:
                 raise InvalidPrompt(f"The model's chat template failed: {exc}", param="messages",
                                     code="template_error") from None
@@ -155,6 +172,9 @@ class GGUFModel:
         self, prepared: PreparedPrompt, params: SamplingParams, cancelled: Callable[[], bool]
     ) -> Iterator[Chunk]:
         return (chunk for _, chunk in self.generate_choices([(prepared, params)], cancelled))
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()
 
     def close(self) -> None:
         self.engine.close()

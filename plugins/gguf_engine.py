@@ -227,13 +227,21 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._lock:
-                self._admit()
+                dropped = self._admit()
                 active = [s.job for s in self._slots if s.job is not None]
-                if self._closing:
-                    break
-                if not any(self._runnable(j) for j in active):
+                closing = self._closing
+                idle = not any(self._runnable(j) for j in active)
+                if idle and not closing and not dropped:
                     self._wake.wait(_IDLE_WAIT_S)
-                    continue
+            # Sinks are written outside the engine lock: a reader may hold its sink's lock
+            # while it wakes the engine.
+            for job in dropped:  # gone before they got a slot
+                job.sink.put(job.index, Finish("length"))
+                job.sink.put(job.index, Usage(len(job.prepared.tokens), 0))
+            if closing:
+                break
+            if idle:
+                continue
             try:
                 self._step(active)
             except Exception as exc:  # llama.cpp failed: fail the running jobs, keep serving
@@ -247,18 +255,18 @@ class Engine:
     def _runnable(self, job: Job) -> bool:
         return job.sink.cancelled or not job.sink.full(job.index)
 
-    def _admit(self) -> None:
-        """Give free slots to waiting jobs (called with the lock held)."""
+    def _admit(self) -> list[Job]:
+        """Give free slots to waiting jobs (called with the lock held); return the
+        waiting jobs dropped because their request was cancelled."""
+        dropped = []
         while self._waiting:
             job = self._waiting[0]
-            if job.sink.cancelled:  # gone before it got a slot
-                self._waiting.popleft()
-                job.sink.put(job.index, Finish("length"))
-                job.sink.put(job.index, Usage(len(job.prepared.tokens), 0))
+            if job.sink.cancelled:
+                dropped.append(self._waiting.popleft())
                 continue
             free = [s for s in self._slots if s.job is None]
             if not free:
-                return
+                break
             self._waiting.popleft()
             tokens = job.prepared.tokens
             slot = max(free, key=lambda s: _common_prefix(s.tokens, tokens))
@@ -271,6 +279,7 @@ class Engine:
             job.scanner = StopScanner(job.prepared.stop)
             job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             job.sink.admitted.set()
+        return dropped
 
     def _release(self, job: Job) -> None:
         slot = job.slot
@@ -370,9 +379,13 @@ class Engine:
         if params.temperature == 0:
             sampler.add_greedy()
             return sampler
+        if params.top_k > 0:
+            sampler.add_top_k(params.top_k)
         sampler.add_temp(params.temperature)
         if params.top_p < 1.0:
             sampler.add_top_p(params.top_p, 1)
+        if params.min_p > 0.0:
+            sampler.add_min_p(params.min_p, 1)
         seed = secrets.randbits(31) if params.seed is None else params.seed % 0xFFFFFFFF
         sampler.add_dist(seed)
         return sampler

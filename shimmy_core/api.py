@@ -50,7 +50,7 @@ class HealthResource:
         self.manager = manager
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = {"status": "ok", "version": __version__, "loaded_models": len(self.manager.loaded_paths())}
+        resp.media = {"status": "ok", "version": __version__, "models": self.manager.stats()}
 
 
 class ModelsResource:

@@ -63,6 +63,8 @@ class SamplingParams:
     max_tokens: int | None = None          # None: up to the server ceiling / context
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0                          # llama.cpp extension; 0: off
+    min_p: float = 0.0                      # llama.cpp extension; 0: off
     stop: tuple[str, ...] = ()
     seed: int | None = None
     presence_penalty: float = 0.0

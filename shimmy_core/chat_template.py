@@ -82,6 +82,39 @@ CHATML_FALLBACK = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+
+_TEXT = (
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% elif message['content'] is iterable %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
+    "{% endif %}"
+)
+
+# Prompt formats for models whose file carries no template but whose family is known
+# (Ollama's template layer names it: see plugins/ollama.py).
+BUILTIN_TEMPLATES: dict[str, str] = {
+    "chatml": CHATML_FALLBACK,
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n" + _TEXT + "<|eot_id|>"
+        "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+    "gemma": (
+        "{{ bos_token }}{% for message in messages %}"
+        "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else 'user' }}\n" + _TEXT +
+        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
+    "phi3": (
+        "{% for message in messages %}<|{{ message['role'] }}|>\n" + _TEXT + "<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}" + _TEXT + "{{ eos_token }}"
+        "{% else %}[INST] " + _TEXT + " [/INST]{% endif %}{% endfor %}"
+    ),
+}
+
 # End-of-turn markers of common chat formats, most specific first.
 _STOP_MARKERS = (
     "<|im_end|>",  # ChatML (Qwen, SmolLM, ...)

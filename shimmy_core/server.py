@@ -15,6 +15,16 @@ from shimmy_core.app import Shimmy, create_app
 _WAITRESS_BODY_FACTOR = 16
 
 
+# Threads beyond the admitted requests, so that /health and quick refusals (503, 4xx)
+# are answered while every slot streams and the queue is full.
+_HEADROOM_THREADS = 8
+
+
+def server_threads(settings) -> int:
+    """Every admitted request (running or queued) holds a waitress thread for its whole life."""
+    return max(settings.server_threads, settings.parallel + settings.queue_size + _HEADROOM_THREADS)
+
+
 def make_server(shimmy: Shimmy):
     from waitress.server import create_server
 
@@ -23,7 +33,7 @@ def make_server(shimmy: Shimmy):
         create_app(shimmy),
         host=settings.host,  # always explicit: waitress alone would listen on every interface
         port=settings.port,
-        threads=settings.server_threads,
+        threads=server_threads(settings),
         channel_request_lookahead=5,  # lets a stream notice a vanished client
         max_request_body_size=settings.max_body_bytes * _WAITRESS_BODY_FACTOR,
         clear_untrusted_proxy_headers=True,

@@ -264,9 +264,9 @@ def assert_error(result: falcon.testing.Result, validate, status: int, *, param=
 def test_health(api):
     r = api.client.simulate_get("/health")
     assert r.status_code == 200
-    assert r.json["status"] == "ok" and r.json["loaded_models"] == 0
+    assert r.json["status"] == "ok" and r.json["models"] == []
     api.chat(max_tokens=1)
-    assert api.client.simulate_get("/health").json["loaded_models"] == 1
+    assert [m["path"] for m in api.client.simulate_get("/health").json["models"]] == ["/nonexistent/fake"]
 
 
 def test_list_and_retrieve_models(api):

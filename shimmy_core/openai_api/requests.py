@@ -31,6 +31,8 @@ _COMMON = {
     "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": _INT32},
     "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
     "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "top_k": {"type": ["integer", "null"], "minimum": 0, "maximum": 1_000_000},
+    "min_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
     "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 128},
     "stream": {"type": ["boolean", "null"]},
     "stream_options": {
@@ -286,6 +288,8 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
         max_tokens=max_tokens,
         temperature=_finite(body, "temperature", 1.0),
         top_p=_finite(body, "top_p", 1.0),
+        top_k=int(body.get("top_k") or 0),
+        min_p=_finite(body, "min_p", 0.0),
         stop=stops,
         seed=body.get("seed"),
         presence_penalty=_finite(body, "presence_penalty", 0.0),

@@ -1,0 +1,148 @@
+"""Continuous batching on a real server: concurrent sequences share one GGUF
+model, give the same text as alone, free their slot when cancelled, queue, and
+refuse with 503 when the queue is full."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import threading
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MODEL_ID
+
+PROMPTS = ["Name three colors.", "Write a haiku about rain.", "What is the capital of Italy?",
+           "Give me a tip for sleeping well."]
+
+
+def chat(client, content: str, **kwargs) -> str:
+    r = client.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": content}], **{"max_tokens": 32, **kwargs}
+    )
+    return r.choices[0].message.content
+
+
+def stream_text(client, content: str, **kwargs) -> str:
+    stream = client.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": content}], stream=True, **{"max_tokens": 32, **kwargs}
+    )
+    return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def test_greedy_text_is_the_same_alone_and_batched(client):
+    alone = [chat(client, p, temperature=0) for p in PROMPTS]
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda p: stream_text(client, p, temperature=0), PROMPTS))
+    assert together == alone
+
+
+def test_seed_reproduces_under_concurrency(client):
+    alone = chat(client, PROMPTS[1], temperature=1.0, seed=42)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(stream_text, client, p, temperature=1.0) for p in PROMPTS[2:]]
+        seeded = [pool.submit(chat, client, PROMPTS[1], temperature=1.0, seed=42) for _ in range(2)]
+        [f.result() for f in others]
+    assert [f.result() for f in seeded] == [alone, alone]
+
+
+def test_n_choices_run_as_parallel_sequences(client):
+    r = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                       n=4, max_tokens=16, temperature=0)
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) == 1 and texts[0] == chat(client, PROMPTS[0], temperature=0, max_tokens=16)
+    assert r.usage.prompt_tokens == client.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=1).usage.prompt_tokens
+
+
+def test_prefix_reuse_shows_in_cached_tokens(client):
+    history = [{"role": "user", "content": "My name is Ada and I like sailing. " * 8}]
+    first = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=0)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "What do I like?"}]
+    second = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens - 1, (cached, first.usage.prompt_tokens)
+    assert cached < second.usage.prompt_tokens
+
+
+# ------------------------------------------------------------------ one slot, a tiny queue
+def open_stream(server, max_tokens: int = 4000) -> socket.socket:
+    """A raw streaming request that never ends by itself; returns once tokens flow."""
+    body = json.dumps({
+        "model": MODEL_ID, "stream": True, "max_tokens": max_tokens, "temperature": 0,
+        "messages": [{"role": "user", "content": "Write a very long story."}], "logit_bias": {"2": -100},
+    }).encode()
+    host, port = server.base.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    received = b""
+    while received.count(b"data: ") < 3:
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    return sock
+
+
+def queued_count(server) -> int:
+    return sum(m.get("queued", 0) for m in httpx.get(server.base + "/health", timeout=5).json()["models"])
+
+
+@pytest.fixture(scope="module")
+def one_slot(start_server, smollm2_path):
+    server = start_server(["--model", str(smollm2_path), "--no-demo"],
+                          SHIMMY_PARALLEL="1", SHIMMY_QUEUE_SIZE="1", SHIMMY_QUEUE_TIMEOUT="20")
+    httpx.get(server.base + "/health", timeout=30).raise_for_status()
+    return server
+
+
+def test_full_queue_gets_503_with_retry_after_and_health_stays_up(one_slot, validate):
+    running = open_stream(one_slot)
+    try:
+        queued_result = {}
+
+        def queued():
+            queued_result["r"] = httpx.post(one_slot.url + "/chat/completions", timeout=60, json={
+                "model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+
+        waiter = threading.Thread(target=queued)
+        waiter.start()
+        while queued_count(one_slot) < 1:
+            pass
+        # one slot busy, the queue (size 1) full: the next request is refused at once
+        r = httpx.post(one_slot.url + "/chat/completions", timeout=30, json={
+            "model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 503
+        assert int(r.headers["retry-after"]) >= 1
+        validate(r.json(), "ErrorResponse")
+        assert r.json()["error"]["code"] == "server_overloaded"
+        assert httpx.get(one_slot.base + "/health", timeout=5).status_code == 200
+    finally:
+        running.close()  # frees the slot: the queued request runs now
+    waiter.join(timeout=60)
+    assert queued_result["r"].status_code == 200
+
+
+def test_cancelled_stream_frees_its_slot(one_slot):
+    sock = open_stream(one_slot)
+    sock.close()
+    # with one slot, this request can only run once the abandoned sequence is gone
+    client = openai.OpenAI(base_url=one_slot.url, api_key="x", max_retries=0, timeout=30)
+    assert chat(client, "hi", max_tokens=2) is not None
+
+
+def test_waiting_past_the_queue_timeout_is_503(start_server, smollm2_path):
+    server = start_server(["--model", str(smollm2_path), "--no-demo"],
+                          SHIMMY_PARALLEL="1", SHIMMY_QUEUE_SIZE="4", SHIMMY_QUEUE_TIMEOUT="1")
+    running = open_stream(server)
+    try:
+        r = httpx.post(server.url + "/chat/completions", timeout=30, json={
+            "model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_timeout"
+        assert "retry-after" in r.headers
+    finally:
+        running.close()
