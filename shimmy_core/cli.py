@@ -31,7 +31,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="look for models in this folder (repeatable; SHIMMY_MODEL_PATHS)")
     serve.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU (default: all when available)")
     serve.add_argument("--ctx-size", type=int, help="context window per model (default: the model's, up to 8192)")
-    serve.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
+    serve.add_argument("--threads", type=int,
+                       help="llama.cpp threads (default: half the cores to generate, all for prompts)")
+    serve.add_argument("--parallel", type=int, help="sequences generated at once per model (default 4)")
+    serve.add_argument("--queue-size", type=int, help="requests that may wait for a slot before 503 (default 16)")
+    serve.add_argument("--queue-timeout", type=float, help="seconds a request may wait for a slot (default 60)")
+    serve.add_argument("--batch-size", type=int, help="most prompt tokens llama.cpp processes per step (512)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"],
+                       help="SafeTensors models: where to run (default auto)")
+    serve.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="SafeTensors models: weight dtype (default auto)")
     serve.add_argument("--max-tokens-ceiling", type=int, help="most tokens one choice may generate (default 4096)")
     serve.add_argument("--request-timeout", type=float, help="wall-clock limit of one generation in seconds")
     serve.add_argument("--no-demo", dest="demo", action="store_const", const=False,
@@ -66,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--max-tokens", dest="probe_tokens", type=int, default=32, help="tokens to generate (32)")
     probe.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU (default: all when available)")
     probe.add_argument("--ctx-size", type=int, help="context window (default: the model's, up to 8192)")
-    probe.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores)")
+    probe.add_argument("--threads", type=int,
+                       help="llama.cpp threads (default: half the cores to generate, all for prompts)")
     return parser
 
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 HOOKS_DOC = ROOT / "docs" / "hooks.md"
 EXAMPLE = ROOT / "examples" / "plugins" / "shimmy-hello"
-BUILTINS = {"gguf", "local_files"}
+BUILTINS = {"gguf", "local_files", "ollama", "huggingface", "lmstudio"}
 HEAVY = ("torch", "transformers", "llama_cpp")
 PLUGIN_ENV = ("SHIMMY_DISABLE_PLUGINS", "SHIMMY_LOAD_PLUGINS", "SHIMMY_TRACE_HOOKS")
 
