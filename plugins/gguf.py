@@ -166,6 +166,10 @@ class GGUFModel:
         self, choices: Sequence[tuple[PreparedPrompt, SamplingParams]], cancelled: Callable[[], bool]
     ) -> Iterator[tuple[int, Chunk]]:
         """All choices run as parallel sequences; raises ``Overloaded`` before any output."""
+        for grammar in {params.grammar for _, params in choices if params.grammar}:
+            if not self.engine.check_grammar(grammar):
+                raise InvalidPrompt("The output grammar could not be parsed by llama.cpp.", param="response_format",
+                                    code="invalid_grammar")
         return self.engine.submit(choices, cancelled)
 
     def generate(

@@ -208,6 +208,14 @@ class Engine:
             raise sink.error
         return sink.read(cancelled)
 
+    def check_grammar(self, grammar: str) -> bool:
+        """Whether llama.cpp accepts this GBNF grammar (its root rule named ``root``)."""
+        sampler = self._llama.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            return False
+        self._llama.llama_sampler_free(sampler)
+        return True
+
     def wake(self) -> None:
         with self._lock:
             self._wake.notify()
@@ -371,6 +379,9 @@ class Engine:
         from llama_cpp._internals import LlamaSampler
 
         sampler = LlamaSampler()
+        if params.grammar:
+            grammar = self._llama.llama_sampler_init_grammar(self._vocab, params.grammar.encode("utf-8"), b"root")
+            self._llama.llama_sampler_chain_add(sampler.sampler, grammar)
         if params.logit_bias:
             sampler.add_logit_bias(self._n_vocab, dict(params.logit_bias))
         if params.presence_penalty or params.frequency_penalty:

@@ -72,6 +72,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: str | None = None              # GBNF the output must follow (root rule "root")
 
 
 @dataclass(frozen=True)
