@@ -12,7 +12,6 @@ from typing import Callable, Iterator, Sequence
 
 from shimmy_core.backend import (
     Chunk,
-    ContextLengthExceeded,
     GenerationRequest,
     InvalidPrompt,
     ModelLoadError,
@@ -27,6 +26,7 @@ from shimmy_core.chat_template import (
     template_stop_strings,
 )
 from shimmy_core.hookspecs import hookimpl
+from shimmy_core.prompting import PromptBuilder
 from shimmy_plugins.gguf_engine import Engine
 
 
@@ -102,64 +102,31 @@ class GGUFModel:
         self._ctx = ctx
         self.engine = engine
         self.context_length = context_length
-        self.max_tokens_ceiling = max_tokens_ceiling
         bos, eos = lmodel.token_bos(), lmodel.token_eos()
-        self._bos, self._eos = bos, eos
-        self.bos_text = lmodel.token_get_text(bos) if bos >= 0 else ""
+        bos_text = lmodel.token_get_text(bos) if bos >= 0 else ""
         eos_text = lmodel.token_get_text(eos) if eos >= 0 else ""
-        self.add_bos = bool(lmodel.add_bos_token()) and bos >= 0
+        add_bos = bool(lmodel.add_bos_token()) and bos >= 0
         fallback = BUILTIN_TEMPLATES.get(hints.get("template_hint") or "chatml", CHATML_FALLBACK)
         source = lmodel.metadata().get("tokenizer.chat_template") or fallback
         try:
-            self.template = ChatTemplate(source, bos_token=self.bos_text, eos_token=eos_text)
+            template = ChatTemplate(source, bos_token=bos_text, eos_token=eos_text)
         except TemplateError:
-            self.template = ChatTemplate(fallback, bos_token=self.bos_text, eos_token=eos_text)
+            template = ChatTemplate(fallback, bos_token=bos_text, eos_token=eos_text)
             source = fallback
-        self.turn_stops = tuple(template_stop_strings(source)) + tuple(hints.get("stop", ()))
-        self.default_system = hints.get("system")
-
-    # ------------------------------------------------------------ prompts
-    def tokenize(self, text: str, add_bos: bool) -> list[int]:
-        return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        self.prompts = PromptBuilder(
+            template=template,
+            tokenize=lambda text, add_prefix: lmodel.tokenize(
+                text.encode("utf-8"), add_bos=add_bos and add_prefix, special=True),
+            context_length=context_length,
+            max_tokens_ceiling=max_tokens_ceiling,
+            start_token=bos if bos >= 0 else eos,
+            bos_text=bos_text,
+            turn_stops=tuple(template_stop_strings(source)) + tuple(hints.get("stop", ())),
+            default_system=hints.get("system"),
+        )
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
-        if request.messages is not None:
-            messages = [dict(m) for m in request.messages]
-            if self.default_system and not any(m["role"] == "system" for m in messages):
-                messages.insert(0, {"role": "system", "content": self.default_system})
-            try:
-                text = self.template.render(messages, add_generation_prompt=True)
-            except TemplateError as exc:
-                raise InvalidPrompt(f"The model's chat template failed: {exc}", param="messages",
-                                    code="template_error") from None
-            add_bos = self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
-            stops = request.params.stop + self.turn_stops
-            param = "messages"
-        else:
-            text = request.prompt or ""
-            add_bos = self.add_bos
-            stops = request.params.stop
-            param = "prompt"
-        tokens = self.tokenize(text, add_bos)
-        if not tokens:  # an empty prompt: start from BOS (or EOS) so there is something to decode
-            tokens = [self._bos if self._bos >= 0 else self._eos]
-        n_ctx, n_prompt = self.context_length, len(tokens)
-        requested = request.params.max_tokens
-        if n_prompt >= n_ctx:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {n_ctx} tokens. However, your {param} "
-                f"resulted in {n_prompt} tokens. Please reduce the length of the {param}.",
-                param=param,
-            )
-        if requested is not None and n_prompt + requested > n_ctx:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-                f"{n_prompt + requested} tokens ({n_prompt} in the {param}, {requested} in the completion). "
-                f"Please reduce the length of the {param} or completion.",
-                param="max_tokens",
-            )
-        limit = min(requested or self.max_tokens_ceiling, self.max_tokens_ceiling, n_ctx - n_prompt)
-        return PreparedPrompt(text=text, tokens=tuple(tokens), max_tokens=limit, stop=stops)
+        return self.prompts.prepare(request)
 
     # ------------------------------------------------------------ generation
     def generate_choices(

@@ -1,0 +1,73 @@
+"""Turn a neutral generation request into a prompt a backend can run: render
+the chat template (in the sandbox), tokenize, and check the context window.
+Every backend prepares prompts here, so they agree on errors and limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from shimmy_core.backend import ContextLengthExceeded, GenerationRequest, InvalidPrompt, PreparedPrompt
+from shimmy_core.chat_template import ChatTemplate, TemplateError
+
+
+@dataclass
+class PromptBuilder:
+    """What a loaded model knows about its prompts.
+
+    ``tokenize(text, add_prefix)`` returns token ids; ``add_prefix`` says whether the
+    model's own start token (BOS) should be added: chat prompts whose template already
+    wrote ``bos_text`` pass False.
+    """
+
+    template: ChatTemplate
+    tokenize: Callable[[str, bool], Sequence[int]]
+    context_length: int
+    max_tokens_ceiling: int
+    start_token: int                 # decoded first when a prompt tokenizes to nothing
+    bos_text: str = ""
+    turn_stops: tuple[str, ...] = ()
+    default_system: str | None = None
+
+    def render(self, messages: Sequence[dict]) -> str:
+        messages = [dict(m) for m in messages]
+        if self.default_system and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": self.default_system})
+        try:
+            return self.template.render(messages, add_generation_prompt=True)
+        except TemplateError as exc:
+            raise InvalidPrompt(f"The model's chat template failed: {exc}", param="messages",
+                                code="template_error") from None
+
+    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        if request.messages is not None:
+            text = self.render(request.messages)
+            add_prefix = not (self.bos_text and text.startswith(self.bos_text))
+            stops = request.params.stop + self.turn_stops
+            param = "messages"
+        else:
+            text = request.prompt or ""
+            add_prefix = True
+            stops = request.params.stop
+            param = "prompt"
+        tokens = list(self.tokenize(text, add_prefix)) or [self.start_token]
+        return PreparedPrompt(text=text, tokens=tuple(tokens), stop=stops,
+                              max_tokens=self.completion_budget(len(tokens), request.params.max_tokens, param))
+
+    def completion_budget(self, n_prompt: int, requested: int | None, param: str) -> int:
+        """Tokens a prompt of ``n_prompt`` tokens may generate; OpenAI's errors when it cannot fit."""
+        n_ctx = self.context_length
+        if n_prompt >= n_ctx:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {n_ctx} tokens. However, your {param} "
+                f"resulted in {n_prompt} tokens. Please reduce the length of the {param}.",
+                param=param,
+            )
+        if requested is not None and n_prompt + requested > n_ctx:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                f"{n_prompt + requested} tokens ({n_prompt} in the {param}, {requested} in the completion). "
+                f"Please reduce the length of the {param} or completion.",
+                param="max_tokens",
+            )
+        return min(requested or self.max_tokens_ceiling, self.max_tokens_ceiling, n_ctx - n_prompt)
