@@ -20,81 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import EOS_ID, Server, demo_model_path, engine_threads, in_process_rate
 
-from shimmy_plugins.gguf import engine_threads  # noqa: E402
-from shimmy_plugins.local_files import demo_model_path  # noqa: E402
-
-EOS_ID = 2
 TOPICS = ["a lighthouse keeper", "a lost robot", "the first rain on Mars", "a baker's secret",
           "a dragon who hates fire", "a library at night", "a tiny submarine", "an old clock"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model: Path, **env: str):
-        self.port = free_port()
-        self.home = tempfile.TemporaryDirectory()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shimmy_core", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--model", str(model), "--no-demo"],
-            env={**os.environ, "SHIMMY_HOME": self.home.name, **env},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        self.base = f"http://127.0.0.1:{self.port}"
-        while True:
-            try:
-                if httpx.get(self.base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self.home.cleanup()
-
-
-def in_process_rate(model: Path, tokens: int) -> float:
-    import llama_cpp
-    from llama_cpp._internals import LlamaSampler
-
-    threads, batch_threads = engine_threads()
-    llm = llama_cpp.Llama(str(model), n_ctx=2048, n_threads=threads, n_threads_batch=batch_threads,
-                          verbose=False)
-    prompt = llm.tokenize(b"<|im_start|>user\nWrite a story about a lighthouse keeper.<|im_end|>\n"
-                          b"<|im_start|>assistant\n", special=True)
-    rates = []
-    for _ in range(3):
-        llm.reset()
-        llm.eval(prompt)
-        sampler = LlamaSampler()
-        sampler.add_logit_bias(llm.n_vocab(), {EOS_ID: -100.0})
-        sampler.add_greedy()
-        token = sampler.sample(llm._ctx, -1)
-        start = time.perf_counter()
-        for _ in range(tokens - 1):
-            llm.eval([token])
-            token = sampler.sample(llm._ctx, -1)
-        rates.append((tokens - 1) / (time.perf_counter() - start))
-    llm.close()
-    return statistics.median(rates)
 
 
 def one_stream(client, model_id: str, topic: str, tokens: int, result: dict) -> None:
@@ -187,13 +122,13 @@ def main() -> None:
     counts = [int(x) for x in args.streams.split(",")]
 
     inproc = in_process_rate(model, args.tokens)
-    server = Server(model, SHIMMY_PARALLEL=str(max(counts)), SHIMMY_CTX_SIZE="1024")
+    server = Server(model, "--parallel", str(max(counts)), "--ctx-size", "1024")
     try:
         concurrent_streams(server.base, model_id, 1, 8)  # load the model
         rows = [concurrent_streams(server.base, model_id, n, args.tokens) for n in counts]
     finally:
         server.stop()
-    server = Server(model, SHIMMY_PARALLEL="4", SHIMMY_QUEUE_SIZE="16", SHIMMY_CTX_SIZE="1024")
+    server = Server(model, "--parallel", "4", "--queue-size", "16", "--ctx-size", "1024")
     try:
         concurrent_streams(server.base, model_id, 1, 8)
         over = overload(server.base, model_id, args.overload_clients, args.tokens)
