@@ -26,7 +26,7 @@ import time
 
 import httpx
 
-from common import EOS_ID, Server, demo_model_path, engine_threads, in_process_rate
+from common import EOS_ID, NO_CACHE, Server, demo_model_path, engine_threads, in_process_rate
 
 TOPICS = ["a lighthouse keeper", "a lost robot", "the first rain on Mars", "a baker's secret",
           "a dragon who hates fire", "a library at night", "a tiny submarine", "an old clock"]
@@ -40,7 +40,7 @@ def one_stream(client, model_id: str, topic: str, tokens: int, result: dict) -> 
         stream = client.chat.completions.create(
             model=model_id, messages=[{"role": "user", "content": f"Write a story about {topic}."}],
             max_tokens=tokens, temperature=0, stream=True, logit_bias={str(EOS_ID): -100},
-            stream_options={"include_usage": True},
+            stream_options={"include_usage": True}, extra_headers=NO_CACHE,
         )
         for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].delta.content:
@@ -86,7 +86,8 @@ def overload(base: str, model_id: str, clients: int, tokens: int) -> dict:
 
     def run() -> None:
         try:
-            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600) as r:
+            with httpx.stream("POST", base + "/v1/chat/completions", json=body, headers=NO_CACHE,
+                              timeout=600) as r:
                 if r.status_code == 503:
                     kind = "503+retry-after" if r.headers.get("retry-after") else "503 without retry-after"
                 else:

@@ -18,7 +18,7 @@ import platform
 import statistics
 import time
 
-from common import EOS_ID, Server, demo_model_path, in_process_rate
+from common import EOS_ID, NO_CACHE, Server, demo_model_path, in_process_rate
 
 PROMPT = [{"role": "user", "content": "Write a story about a lighthouse keeper."}]
 
@@ -32,6 +32,7 @@ def http_rate(client, model_id: str, tokens: int, runs: int) -> tuple[float, flo
         stream = client.chat.completions.create(
             model=model_id, messages=PROMPT, max_tokens=tokens, temperature=0, stream=True,
             logit_bias={str(EOS_ID): -100}, stream_options={"include_usage": True},
+            extra_headers=NO_CACHE,
         )
         for chunk in stream:
             if first is None and chunk.choices and chunk.choices[0].delta.content:

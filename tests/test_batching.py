@@ -19,16 +19,22 @@ PROMPTS = ["Name three colors.", "Write a haiku about rain.", "What is the capit
            "Give me a tip for sleeping well."]
 
 
+# Every request here must really run on the engine, never come from the response cache.
+NO_CACHE = {"Cache-Control": "no-cache"}
+
+
 def chat(client, content: str, **kwargs) -> str:
     r = client.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": content}], **{"max_tokens": 32, **kwargs}
+        model=MODEL_ID, messages=[{"role": "user", "content": content}], extra_headers=NO_CACHE,
+        **{"max_tokens": 32, **kwargs}
     )
     return r.choices[0].message.content
 
 
 def stream_text(client, content: str, **kwargs) -> str:
     stream = client.chat.completions.create(
-        model=MODEL_ID, messages=[{"role": "user", "content": content}], stream=True, **{"max_tokens": 32, **kwargs}
+        model=MODEL_ID, messages=[{"role": "user", "content": content}], stream=True, extra_headers=NO_CACHE,
+        **{"max_tokens": 32, **kwargs}
     )
     return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
@@ -51,7 +57,7 @@ def test_seed_reproduces_under_concurrency(client):
 
 def test_n_choices_run_as_parallel_sequences(client):
     r = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": PROMPTS[0]}],
-                                       n=4, max_tokens=16, temperature=0)
+                                       n=4, max_tokens=16, temperature=0, extra_headers=NO_CACHE)
     texts = [c.message.content for c in r.choices]
     assert len(set(texts)) == 1 and texts[0] == chat(client, PROMPTS[0], temperature=0, max_tokens=16)
     assert r.usage.prompt_tokens == client.chat.completions.create(
@@ -60,10 +66,12 @@ def test_n_choices_run_as_parallel_sequences(client):
 
 def test_prefix_reuse_shows_in_cached_tokens(client):
     history = [{"role": "user", "content": "My name is Ada and I like sailing. " * 8}]
-    first = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=0)
+    first = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=0,
+                                           extra_headers=NO_CACHE)
     history += [{"role": "assistant", "content": first.choices[0].message.content},
                 {"role": "user", "content": "What do I like?"}]
-    second = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=0)
+    second = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=0,
+                                            extra_headers=NO_CACHE)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= first.usage.prompt_tokens - 1, (cached, first.usage.prompt_tokens)
     assert cached < second.usage.prompt_tokens
@@ -78,7 +86,8 @@ def open_stream(server, max_tokens: int = 4000) -> socket.socket:
     }).encode()
     host, port = server.base.removeprefix("http://").rsplit(":", 1)
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Cache-Control: no-cache\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
     received = b""
     while received.count(b"data: ") < 3:

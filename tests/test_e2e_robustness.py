@@ -59,7 +59,8 @@ def _start_long_stream(server) -> socket.socket:
     host, port = server.base.removeprefix("http://").rsplit(":", 1)
     sock = socket.create_connection((host, int(port)))
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Cache-Control: no-cache\r\n"
         b"Content-Length: %d\r\n\r\n" % len(body) + body
     )
     received = b""
