@@ -10,13 +10,18 @@ export CFLAGS += -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 export CXXFLAGS += -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+# The SafeTensors backend needs torch: installed first and pinned, so that resolving the
+# extras never pulls another multi-GB build (on the project's machines this is the CPU
+# wheel). Choose another build with  make test TORCH='torch==X.Y.Z'
+TORCH ?= torch==2.13.0
 
 .PHONY: serve test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet -e '.[demo,test]'
+	$(BIN)/python -m pip install --quiet '$(TORCH)'
+	$(BIN)/python -m pip install --quiet -e '.[demo,test,safetensors]'
 	touch $(STAMP)
 
 serve: $(STAMP)

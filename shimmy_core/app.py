@@ -3,17 +3,24 @@ import time; everything is built here, once, and shared read-only."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import falcon
 
-from shimmy_core.api import GenerationResource, HealthResource, ModelsResource
+from shimmy_core.api import GenerationResource, HealthResource, MetricsResource, ModelsResource, ToolsResource
+from shimmy_core.lifecycle import Lifecycle
+from shimmy_core.metrics import Metrics
+from shimmy_core.middleware import build_middleware
 from shimmy_core.models import ModelCatalog, ModelManager
 from shimmy_core.openai_api.errors import add_error_handlers
 from shimmy_core.plugin_manager import ShimmyPluginManager, create_plugin_manager
 from shimmy_core.registry import Registry, build_registry
+from shimmy_core.response_cache import OFF, ResponseCache
 from shimmy_core.service import CompletionService
-from shimmy_core.settings import Settings
+from shimmy_core.settings import Settings, SettingsError
+from shimmy_core.tools.toolbox import ToolBox
+
+DEFAULT_CACHE = "memory"
 
 
 @dataclass
@@ -25,9 +32,40 @@ class Shimmy:
     registry: Registry
     catalog: ModelCatalog
     manager: ModelManager
+    lifecycle: Lifecycle = field(default_factory=lambda: Lifecycle(10.0))
+    cache: ResponseCache | None = None
+    metrics: Metrics | None = None
+    notes: list[str] = field(default_factory=list)
+    tools: ToolBox = field(default_factory=ToolBox)
+
+    def __post_init__(self) -> None:
+        if self.cache is None:
+            self.cache = ResponseCache(None, self.settings)
+        if self.metrics is None:
+            self.metrics = Metrics(self.manager)
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        finally:
+            self.cache.close()
+
+
+def select_cache(settings: Settings, registry: Registry) -> tuple[ResponseCache, list[str]]:
+    """The cache ``settings.cache`` names.  The default cache missing (its plugin disabled) means
+    no cache, with a note; any other name that no plugin registered is a settings error."""
+    name = settings.cache
+    if name == OFF:
+        return ResponseCache(None, settings), []
+    if settings.cache_size < 0 or settings.cache_ttl < 0:
+        raise SettingsError("--cache-size and --cache-ttl must not be negative")
+    cache = registry.caches.get(name)
+    if cache is None:
+        known = ", ".join(sorted(registry.caches)) or "none"
+        if name == DEFAULT_CACHE:
+            return ResponseCache(None, settings), [f"no {name!r} cache is registered; responses are not cached"]
+        raise SettingsError(f"--cache {name}: no cache plugin registered that name (registered: {known})")
+    return ResponseCache(cache, settings), []
 
 
 def build(settings: Settings, pm: ShimmyPluginManager | None = None) -> Shimmy:
@@ -35,18 +73,26 @@ def build(settings: Settings, pm: ShimmyPluginManager | None = None) -> Shimmy:
     registry = build_registry(pm, settings)
     catalog = ModelCatalog(registry.sources.values())
     catalog.refresh()
-    return Shimmy(settings, pm, registry, catalog, ModelManager(pm, registry, settings))
+    cache, notes = select_cache(settings, registry)
+    lifecycle = Lifecycle(settings.shutdown_grace)
+    manager = ModelManager(pm, registry, settings, lifecycle)
+    tools = ToolBox.build(registry.tools, registry.owners, settings)  # a ToolConfigError stops the start
+    return Shimmy(settings, pm, registry, catalog, manager, lifecycle, cache, Metrics(manager), notes, tools)
 
 
 def create_app(shimmy: Shimmy) -> falcon.App:
-    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    settings = shimmy.settings
+    app = falcon.App(media_type=falcon.MEDIA_JSON,
+                     middleware=build_middleware(settings, shimmy.lifecycle, shimmy.metrics))
     app.req_options.strip_url_path_trailing_slash = True
     add_error_handlers(app)
-    service = CompletionService(shimmy.catalog, shimmy.manager, shimmy.settings)
+    service = CompletionService(shimmy.catalog, shimmy.manager, settings, shimmy.tools)
     models = ModelsResource(shimmy.catalog)
-    app.add_route("/health", HealthResource(shimmy.manager))
+    app.add_route("/health", HealthResource(shimmy.manager, shimmy.lifecycle))
+    app.add_route("/metrics", MetricsResource(shimmy.metrics))
     app.add_route("/v1/models", models)
     app.add_route("/v1/models/{model_id:path}", models, suffix="one")
-    app.add_route("/v1/chat/completions", GenerationResource("chat", service, shimmy.settings))
-    app.add_route("/v1/completions", GenerationResource("completion", service, shimmy.settings))
+    app.add_route("/v1/tools", ToolsResource(shimmy.tools))
+    for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completion")):
+        app.add_route(path, GenerationResource(kind, service, settings, shimmy.cache, shimmy.lifecycle))
     return app

@@ -2,8 +2,11 @@
 
 A backend loads a model into a :class:`LoadedModel`.  The core hands it a
 :class:`GenerationRequest` (no HTTP, no OpenAI JSON) and receives neutral
-chunks: :class:`TextDelta`, :class:`Finish` and :class:`Usage`.  The
-``openai_api`` package turns those into the wire format.
+chunks: :class:`TextDelta`, :class:`Finish` and :class:`Usage`.  The core's
+tool layer (``shimmy_core.tools``) turns text that is a tool call into
+:class:`ToolCallDelta` chunks and reports the tools it ran itself as
+:class:`ToolExecuted`; the ``openai_api`` package turns all of them into the
+wire format.
 """
 
 from __future__ import annotations
@@ -82,6 +85,10 @@ class GenerationRequest:
     messages: tuple[dict, ...] | None = None
     prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    # OpenAI function tools ({"type": "function", "function": {...}}) for the chat template's
+    # ``tools`` variable.  Only set for models whose ``renders_tools`` is true (see LoadedModel);
+    # for the others the core writes the tools into the messages itself.
+    tools: tuple[dict, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,30 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class Finish:
-    reason: str  # "stop" | "length"
+    reason: str  # "stop" | "length" | "tool_calls"
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a tool call of one choice, in OpenAI's streaming shape: the first delta of a
+    call has its ``id`` and ``name`` (and usually empty ``arguments``), the next ones carry
+    pieces of the arguments' JSON text.  ``call_index`` numbers the calls of the choice."""
+
+    call_index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
+class ToolExecuted:
+    """A tool call the server ran itself (server-side tools), with what it returned."""
+
+    id: str
+    name: str
+    arguments: str          # the JSON text the model wrote
+    output: str             # what went back to the model
+    is_error: bool = False  # invalid arguments, a refused or failed run
 
 
 @dataclass(frozen=True)
@@ -128,7 +158,7 @@ class Usage:
     cached_tokens: int = 0
 
 
-Chunk = Union[TextDelta, Finish, Usage]
+Chunk = Union[TextDelta, ToolCallDelta, ToolExecuted, Finish, Usage]
 
 
 # ---------------------------------------------------------------- protocols
@@ -137,6 +167,14 @@ class LoadedModel(Protocol):
     """A model in memory, shared by all requests for it."""
 
     context_length: int
+
+    # A model whose prepare() passes ``request.tools`` to its chat template and renders
+    # assistant ``tool_calls`` and ``tool`` messages itself (shimmy_core.tools.prompting.render_chat
+    # does both) sets ``renders_tools = True``.  Without it the core writes the tools, the calls
+    # and their results into the messages as text, and leaves ``request.tools`` empty.
+    #
+    # ``params.grammar`` (GBNF, root rule "root") must be enforced while sampling; a backend that
+    # cannot enforce it refuses the request with InvalidPrompt rather than ignore it.
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         """Render and tokenize; raise :class:`InvalidPrompt` for client mistakes."""

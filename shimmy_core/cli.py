@@ -10,6 +10,26 @@ from shimmy_core import __version__
 from shimmy_core.settings import DEFAULT_PORT
 
 
+def _add_tool_flags(parser: argparse.ArgumentParser) -> None:
+    """The tool flags of ``serve`` and ``tools`` (docs/tools.md)."""
+    parser.add_argument("--tools-dir", dest="tools_dirs", action="append", metavar="DIR",
+                        help="load JSON tools from this folder, besides $SHIMMY_HOME/tools (repeatable)")
+    parser.add_argument("--enable-tool", dest="enable_tools", action="append", metavar="NAME",
+                        help="let the server run this tool itself when a request names it (repeatable)")
+    parser.add_argument("--tool-root", dest="tool_roots", action="append", metavar="DIR",
+                        help="a folder file_read may read (repeatable; none: file_read is off)")
+    parser.add_argument("--http-allow", dest="tool_http_allow", action="append", metavar="HOST",
+                        help="a host (or network, with /) http_request may reach although it is not public")
+    parser.add_argument("--http-allow-post", dest="tool_http_post", action="store_const", const=True,
+                        help="let http_request send POST requests")
+    parser.add_argument("--allow-file-and-network", dest="tool_allow_file_and_network", action="store_const",
+                        const=True, help="allow enabling a file-reading tool together with a network tool")
+    parser.add_argument("--tool-max-steps", type=int, metavar="N",
+                        help="tool rounds per request in the server-side loop (default 5)")
+    parser.add_argument("--tool-timeout", type=float, metavar="SECONDS",
+                        help="most seconds one tool run may take (default 30)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shimmy",
@@ -43,8 +63,38 @@ def _parser() -> argparse.ArgumentParser:
                        help="SafeTensors models: weight dtype (default auto)")
     serve.add_argument("--max-tokens-ceiling", type=int, help="most tokens one choice may generate (default 4096)")
     serve.add_argument("--request-timeout", type=float, help="wall-clock limit of one generation in seconds")
+    # Response cache and operations (docs/configuration.md, docs/operations.md)
+    serve.add_argument("--cache", metavar="NAME",
+                       help="response cache: memory (default), disk, or a cache plugin's name (SHIMMY_CACHE)")
+    serve.add_argument("--no-cache", dest="cache", action="store_const", const="off",
+                       help="do not cache responses")
+    serve.add_argument("--cache-size", type=int, metavar="N", help="most cached responses (default 256)")
+    serve.add_argument("--cache-ttl", type=float, metavar="SECONDS", help="seconds a cached response lives (default 3600; 0: until evicted)")
+    serve.add_argument("--cache-dir", metavar="DIR",
+                       help="--cache disk: where prompts and answers are stored (default $SHIMMY_HOME/cache)")
+    serve.add_argument("--api-key", dest="api_key", action="append", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' (repeatable; SHIMMY_API_KEY, comma-separated)")
+    serve.add_argument("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",
+                       help="let web pages from this origin call the API (repeatable; localhost is allowed)")
+    serve.add_argument("--allowed-host", dest="allowed_hosts", action="append", metavar="NAME",
+                       help="also answer requests whose Host header is NAME (repeatable)")
+    serve.add_argument("--log-prompts", dest="log_prompts", action="store_const", const=True,
+                       help="write prompt text into the request log (off by default)")
+    serve.add_argument("--max-loaded-models", type=int, metavar="N",
+                       help="models kept in memory at once; the least recently used is unloaded (0: no limit)")
+    serve.add_argument("--keep-alive", type=float, metavar="SECONDS",
+                       help="unload a model unused this long (default -1: keep it loaded)")
+    serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, time running requests get to finish (default 10)")
+    serve.add_argument("--client-timeout", type=float, metavar="SECONDS",
+                       help="close connections idle or half-sent this long (default 120)")
     serve.add_argument("--no-demo", dest="demo", action="store_const", const=False,
                        help="do not fall back to the bundled demo model")
+
+    _add_tool_flags(serve)
+    tools = sub.add_parser("tools", help="list the registered tools, their schemas and whether they are enabled")
+    _add_tool_flags(tools)
+    tools.add_argument("--json", dest="as_json", action="store_true", help="a JSON array, for scripts")
 
     sub.add_parser("plugins", help="list plugins, their hooks and any that failed to load")
 
@@ -102,7 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         print("No models found. Pass --model PATH or --model-dir DIR, or install the demo: "
               "pip install 'shimmy-server[demo]'")
-    for note in shimmy.catalog.notes():
+    for note in [*shimmy.catalog.notes(), *shimmy.notes]:
         print(f"note: {note}")
     skipped = shimmy.catalog.skipped()
     if skipped:
@@ -319,9 +369,38 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tools(args: argparse.Namespace) -> int:
+    """``shimmy tools``: every registered tool (plugins and JSON files), its schema, and whether
+    the server would run it with these flags."""
+    import json
+
+    from shimmy_core.plugin_manager import create_plugin_manager
+    from shimmy_core.registry import build_registry
+    from shimmy_core.tools.toolbox import ToolBox
+
+    settings = _settings(args)
+    pm = create_plugin_manager(settings.disable_plugins)
+    registry = build_registry(pm, settings)
+    box = ToolBox.build(registry.tools, registry.owners, settings)
+    rows = box.listing()
+    if args.as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("No tools registered.")
+        return 0
+    for row in rows:
+        state = "enabled" if row["enabled"] else (
+            "definition only" if not row["executable"] else f"off ({row['unavailable_reason'] or 'not enabled'})")
+        print(f"{row['name']}  [{state}]  from {row['source']}")
+        print(f"    {row['function']['description']}")
+        print(f"    parameters: {json.dumps(row['function']['parameters'])}")
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve, "plugins": cmd_plugins, "list": cmd_list, "add": cmd_add, "remove": cmd_remove,
-    "discover": cmd_discover, "probe": cmd_probe,
+    "discover": cmd_discover, "probe": cmd_probe, "tools": cmd_tools,
 }
 
 
@@ -332,4 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         parser.print_help()
         return 0
-    return command(args)
+    from shimmy_core.settings import SettingsError
+
+    try:
+        return command(args)
+    except SettingsError as exc:
+        print(f"shimmy: {exc}", file=sys.stderr)
+        return 2

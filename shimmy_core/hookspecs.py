@@ -48,11 +48,16 @@ def shimmy_register_sources(
 
 
 @hookspec
-def shimmy_register_caches(register: Callable[[object], None]) -> None:
+def shimmy_register_caches(register: Callable[[object], None], settings: "Settings") -> None:
     """Register response cache implementations.
 
-    Call ``register(cache)`` for each cache this plugin provides; a cache has a
-    unique ``name`` and ``get(key)``/``set(key, value)``/``close()`` methods.
+    Call ``register(cache)`` for each cache this plugin provides; the one named
+    by ``--cache`` (``settings.cache``) is used.  A cache has a unique ``name``
+    and the methods ``get(key) -> dict | None``, ``set(key, value, ttl)`` (``ttl``
+    in seconds, ``None`` for no expiry) and ``close()``, and may have ``open()``,
+    called once at start-up.  Keys are hex strings, values JSON-compatible
+    dicts.  Registering must be cheap and touch no disk: only the selected cache
+    is opened.  ``settings`` carries ``cache_size``, ``cache_dir`` and friends.
     """
 
 

@@ -3,15 +3,20 @@ names them, and the manager that loads each one once and shares it."""
 
 from __future__ import annotations
 
+import collections
+import functools
 import os
+import sys
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, runtime_checkable
 
-from shimmy_core.backend import BackendUnavailable, LoadedModel
+from shimmy_core.backend import BackendUnavailable, InvalidPrompt, LoadedModel, Overloaded
 
 if TYPE_CHECKING:  # pragma: no cover
+    from shimmy_core.lifecycle import Lifecycle
     from shimmy_core.plugin_manager import ShimmyPluginManager
     from shimmy_core.registry import Registry
     from shimmy_core.settings import Settings
@@ -243,16 +248,81 @@ def _name(found: list[ModelInfo]) -> tuple[dict[str, ModelInfo], dict[str, str],
     return models, aliases, notes
 
 
-class ModelManager:
-    """Loads each model once, on first use, with the backend a decision hook picks."""
+class _Entry:
+    """One loaded model and who holds it."""
 
-    def __init__(self, pm: "ShimmyPluginManager", registry: "Registry", settings: "Settings"):
+    __slots__ = ("info", "model", "leases", "last_used")
+
+    def __init__(self, info: ModelInfo, model: LoadedModel):
+        self.info = info
+        self.model = model
+        self.leases = 0                  # requests holding the model right now
+        self.last_used = time.monotonic()
+
+
+class _Lease:
+    """What :meth:`ModelManager.get` hands out: the loaded model, kept in memory while this
+    object lives (a request holds it from resolution to its last chunk).  Everything is the
+    model's, except that ``prepare`` enforces ``max_prompt_tokens``, ``generate_choices``
+    refuses requests still waiting for a slot when the server drains, and ``close`` is the
+    manager's business."""
+
+    def __init__(self, manager: "ModelManager", entry: _Entry):
+        self._manager = manager
+        self._entry = entry
+        self._model = entry.model
+        weakref.finalize(self, manager._release, entry)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("_manager", "_entry", "_model"):
+            raise AttributeError(name)
+        value = getattr(self._model, name)
+        if name == "generate_choices":
+            return functools.partial(self._manager._generate_choices, value)
+        return value
+
+    def prepare(self, request):
+        prepared = self._model.prepare(request)
+        limit = self._manager._settings.max_prompt_tokens
+        if limit > 0 and len(prepared.tokens) > limit:
+            param = "messages" if request.messages is not None else "prompt"
+            raise InvalidPrompt(
+                f"The {param} is {len(prepared.tokens)} tokens long; this server accepts at most {limit} "
+                "prompt tokens (SHIMMY_MAX_PROMPT_TOKENS).",
+                param=param, code="prompt_too_long",
+            )
+        return prepared
+
+    def close(self) -> None:
+        """Nothing: the manager unloads models."""
+
+    def __repr__(self) -> str:
+        return f"<lease of {self._model!r}>"
+
+
+class ModelManager:
+    """Loads each model once, on first use, with the backend a decision hook picks.
+
+    ``get`` returns a lease (see :class:`_Lease`); a model is never unloaded while a lease on
+    it lives.  With ``max_loaded_models`` the least recently used idle model is unloaded to
+    make room for another (a 503 when every loaded model is busy); with ``keep_alive`` a
+    model unused that many seconds is unloaded by a background thread (0: at once).
+    """
+
+    def __init__(self, pm: "ShimmyPluginManager", registry: "Registry", settings: "Settings",
+                 lifecycle: "Lifecycle | None" = None):
         self._pm = pm
         self._registry = registry
         self._settings = settings
-        self._loaded: dict[str, LoadedModel] = {}
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
+        self._lifecycle = lifecycle
+        self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+        self._locks: dict[str, threading.Lock] = {}   # one per model path: load and unload in turn
+        # Re-entrant: a lease's finalizer may run inside this thread's own critical section (GC).
+        self._guard = threading.RLock()
+        self._loading = 0
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._reaper: threading.Thread | None = None
 
     def backend_for(self, info: ModelInfo):
         name = self._pm.hook.shimmy_backend_for_model(model=info, backends=dict(self._registry.backends))
@@ -262,33 +332,152 @@ class ModelManager:
 
     def get(self, info: ModelInfo) -> LoadedModel:
         key = info.path
-        loaded = self._loaded.get(key)
-        if loaded is not None:
-            return loaded
         with self._guard:
+            entry = self._entries.get(key)
+            if entry is not None:
+                return self._lease(key, entry)
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
-            loaded = self._loaded.get(key)
-            if loaded is None:
+            with self._guard:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    return self._lease(key, entry)
+                victims = self._make_room()
+                self._loading += 1
+            try:
+                for victim in victims:
+                    self._unload(victim, "to make room (--max-loaded-models)")
                 backend = self.backend_for(info)
                 reason = backend.unavailable_reason()
                 if reason:
                     raise BackendUnavailable(reason)
                 loaded = backend.load(info, self._settings)
-                self._loaded[key] = loaded
-        return loaded
+            finally:
+                with self._guard:
+                    self._loading -= 1
+            with self._guard:
+                entry = _Entry(info, loaded)
+                self._entries[key] = entry
+                lease = self._lease(key, entry)
+        self._start_reaper()
+        return lease
 
+    # ------------------------------------------------------------ leases
+    def _lease(self, key: str, entry: _Entry) -> _Lease:
+        entry.leases += 1
+        entry.last_used = time.monotonic()
+        self._entries.move_to_end(key)
+        return _Lease(self, entry)
+
+    def _release(self, entry: _Entry) -> None:
+        # A finalizer: keep it small, and leave the unloading to the reaper thread.
+        with self._guard:
+            entry.leases -= 1
+            entry.last_used = time.monotonic()
+        if entry.leases == 0 and self._settings.keep_alive == 0:
+            self._wake.set()
+
+    def _generate_choices(self, generate: Callable, choices, cancelled: Callable[[], bool]):
+        """``generate_choices`` of a lease: while the request waits for a slot, a drain cancels it
+        and it gets a 503 (``ShuttingDown``); once admitted it may run through the grace period."""
+        lifecycle = self._lifecycle
+        if lifecycle is None:
+            return generate(choices, cancelled)
+        from shimmy_core.lifecycle import ShuttingDown
+
+        if lifecycle.draining:
+            raise ShuttingDown()
+        waiting = True
+
+        def cancelled_or_draining() -> bool:
+            return cancelled() or (waiting and lifecycle.draining)
+
+        chunks = generate(choices, cancelled_or_draining)
+        waiting = False
+        if lifecycle.draining:  # cancelled in the queue (or admitted the moment the drain began)
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+            raise ShuttingDown()
+        return chunks
+
+    # ------------------------------------------------------------ unloading
+    def _make_room(self) -> list[tuple[str, _Entry]]:
+        """With the guard held: take out of the table the idle models that must go so that one more
+        fits under ``max_loaded_models``; Overloaded when every loaded model is busy."""
+        limit = self._settings.max_loaded_models
+        if limit <= 0:
+            return []
+        victims = []
+        while len(self._entries) + self._loading >= limit:
+            idle = [(e.last_used, k) for k, e in self._entries.items() if e.leases == 0]
+            if not idle:
+                for key, entry in victims:  # nothing unloaded after all
+                    self._entries[key] = entry
+                raise Overloaded(
+                    f"{len(self._entries)} models are loaded (--max-loaded-models {limit}) and all are in use. "
+                    "Retry shortly.", retry_after=1.0,
+                )
+            _, key = min(idle)
+            victims.append((key, self._entries.pop(key)))
+        return victims
+
+    def _unload(self, victim: tuple[str, _Entry], why: str) -> None:
+        key, entry = victim
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        acquired = lock.acquire(blocking=False) or lock.acquire(timeout=60)
+        try:
+            entry.model.close()
+        finally:
+            if acquired:
+                lock.release()
+        print(f"shimmy: unloaded {entry.info.id} {why}", file=sys.stderr, flush=True)
+
+    def _start_reaper(self) -> None:
+        if self._settings.keep_alive < 0 or self._reaper is not None or self._closed.is_set():
+            return
+        with self._guard:
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap_forever, name="shimmy-keep-alive", daemon=True)
+                self._reaper.start()
+
+    def _reap_forever(self) -> None:
+        keep_alive = self._settings.keep_alive
+        interval = 1.0 if keep_alive == 0 else min(max(keep_alive / 4, 0.05), 5.0)
+        while not self._closed.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._closed.is_set():
+                return
+            now = time.monotonic()
+            with self._guard:
+                expired = [(k, e) for k, e in self._entries.items()
+                           if e.leases == 0 and now - e.last_used >= keep_alive]
+                for key, _ in expired:
+                    del self._entries[key]
+            for victim in expired:
+                self._unload(victim, f"after {keep_alive:g} s unused (--keep-alive)")
+
+    # ------------------------------------------------------------ reporting
     def loaded_paths(self) -> list[str]:
-        return list(self._loaded)
+        with self._guard:
+            return list(self._entries)
 
     def stats(self) -> list[dict]:
         """What each loaded model is doing (``busy_slots``, ``queued``... where the backend says)."""
+        with self._guard:
+            entries = list(self._entries.items())
         return [
-            {"path": path, **(loaded.stats() if hasattr(loaded, "stats") else {})}
-            for path, loaded in list(self._loaded.items())
+            {"id": entry.info.id, "path": path, **(entry.model.stats() if hasattr(entry.model, "stats") else {})}
+            for path, entry in entries
         ]
 
     def close(self) -> None:
-        for loaded in self._loaded.values():
-            loaded.close()
-        self._loaded.clear()
+        self._closed.set()
+        self._wake.set()
+        with self._guard:
+            entries = list(self._entries.values())
+            self._entries.clear()
+        for entry in entries:
+            entry.model.close()

@@ -29,19 +29,23 @@ class PromptBuilder:
     turn_stops: tuple[str, ...] = ()
     default_system: str | None = None
 
-    def render(self, messages: Sequence[dict]) -> str:
+    def render(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
+        """The chat prompt; ``tools`` go through the template's own ``tools`` variable when it
+        knows tools, else as a generic instruction (``shimmy_core.tools.prompting``)."""
+        from shimmy_core.tools.prompting import render_chat
+
         messages = [dict(m) for m in messages]
         if self.default_system and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self.default_system})
         try:
-            return self.template.render(messages, add_generation_prompt=True)
+            return render_chat(self.template, messages, tools, add_generation_prompt=True)
         except TemplateError as exc:
             raise InvalidPrompt(f"The model's chat template failed: {exc}", param="messages",
                                 code="template_error") from None
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         if request.messages is not None:
-            text = self.render(request.messages)
+            text = self.render(request.messages, request.tools)
             add_prefix = not (self.bos_text and text.startswith(self.bos_text))
             stops = request.params.stop + self.turn_stops
             param = "messages"

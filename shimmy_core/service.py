@@ -1,6 +1,10 @@
 """Run a validated request against a loaded model: resolve, load, prepare every
 prompt and hand every choice to the model (so that client mistakes and a full
-queue surface before any stream byte), then yield ``(choice_index, chunk)``."""
+queue surface before any stream byte), then yield ``(choice_index, chunk)``.
+
+A chat request with tools goes through a :class:`~shimmy_core.tools.loop.ToolPlan`: the tools
+reach the prompt, tool calls in the output become tool-call chunks, and when the server runs some
+of the tools itself the plan's loop takes the conversation on (model, calls, results, model...)."""
 
 from __future__ import annotations
 
@@ -9,11 +13,23 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from shimmy_core.backend import Chunk, Finish, LoadedModel, PreparedPrompt, SamplingParams, TextDelta, Usage
+from shimmy_core.backend import (
+    Chunk,
+    Finish,
+    GenerationRequest,
+    LoadedModel,
+    PreparedPrompt,
+    SamplingParams,
+    TextDelta,
+    Usage,
+)
 from shimmy_core.models import ModelCatalog, ModelInfo, ModelManager
-from shimmy_core.openai_api.errors import model_not_found
+from shimmy_core.openai_api.errors import invalid, model_not_found
 from shimmy_core.openai_api.requests import ParsedRequest
 from shimmy_core.settings import Settings
+from shimmy_core.tools import prompting
+from shimmy_core.tools.loop import ToolPlan, ToolRequestError, with_tool_calls
+from shimmy_core.tools.toolbox import ToolBox
 
 
 def sequential_choices(model: LoadedModel, choices, cancelled) -> Iterator[tuple[int, Chunk]]:
@@ -39,6 +55,9 @@ class Run:
     model: LoadedModel
     prepared: list[PreparedPrompt]
     chunks: Iterator[tuple[int, Chunk]]
+    # True when the run may execute server-side tools (the request named an enabled one), or
+    # did (a text-protocol tool ran): its response depends on more than the prompt.
+    uses_server_tools: bool = False
 
     def events(self) -> Iterator[tuple[int, Chunk]]:
         """The model's chunks, with echoed prompts and each prompt's tokens counted once."""
@@ -58,11 +77,18 @@ class Run:
                 close()
 
 
+def _submit(model: LoadedModel, choices, cancelled) -> Iterator[tuple[int, Chunk]]:
+    generate = getattr(model, "generate_choices", None)
+    return generate(choices, cancelled) if generate else sequential_choices(model, choices, cancelled)
+
+
 class CompletionService:
-    def __init__(self, catalog: ModelCatalog, manager: ModelManager, settings: Settings):
+    def __init__(self, catalog: ModelCatalog, manager: ModelManager, settings: Settings,
+                 tools: ToolBox | None = None):
         self.catalog = catalog
         self.manager = manager
         self.settings = settings
+        self.tools = tools if tools is not None else ToolBox()
 
     def resolve(self, model_id: str) -> ModelInfo:
         info = self.catalog.get(model_id)
@@ -70,22 +96,50 @@ class CompletionService:
             raise model_not_found(model_id)
         return info
 
+    def _plan(self, parsed: ParsedRequest) -> ToolPlan | None:
+        if parsed.tools is None:
+            return None
+        try:
+            plan = ToolPlan(parsed.tools, self.tools, parsed.n, parsed.prompts[0].params.grammar)
+        except ToolRequestError as exc:
+            raise invalid(str(exc), param=exc.param, code=exc.code) from None
+        return plan if plan.active else None
+
     def start(self, parsed: ParsedRequest, disconnected: Callable[[], bool] = lambda: False) -> Run:
         info = self.resolve(parsed.model)
         model = self.manager.get(info)
-        prepared = [model.prepare(request) for request in parsed.prompts]
+        plan = self._plan(parsed)
+        native = bool(getattr(model, "renders_tools", False))
+        requests: list[GenerationRequest] = list(parsed.prompts)
+        if plan is not None:
+            requests = [plan.step_request(r, list(r.messages or ()), plan.first_choice, native, text_tools=True)
+                        for r in requests]
+        elif not native:  # earlier calls and results, written as text for a template without tools
+            requests = [dataclasses.replace(r, messages=tuple(prompting.generic_messages(r.messages, None)))
+                        if r.messages and prompting.needs_rewrite(r.messages) else r for r in requests]
+        prepared = [model.prepare(request) for request in requests]
         deadline = time.monotonic() + self.settings.request_timeout
 
         def cancelled() -> bool:
             return disconnected() or time.monotonic() > deadline
 
         choices: list[tuple[PreparedPrompt, SamplingParams]] = []
-        for request, prompt in zip(parsed.prompts, prepared):
+        for request, prompt in zip(requests, prepared):
             for c in range(parsed.n):
                 params = request.params
                 if params.seed is not None and c:
                     params = dataclasses.replace(params, seed=params.seed + c)
                 choices.append((prompt, params))
-        generate = getattr(model, "generate_choices", None)
-        chunks = generate(choices, cancelled) if generate else sequential_choices(model, choices, cancelled)
-        return Run(parsed, info, model, prepared, chunks)
+        chunks = _submit(model, choices, cancelled)
+        run = Run(parsed, info, model, prepared, chunks, uses_server_tools=bool(plan and plan.server))
+        if plan is not None and plan.loops:
+            def step(request: GenerationRequest) -> Iterator[tuple[int, Chunk]]:
+                return _submit(model, [(model.prepare(request), request.params)], cancelled)
+
+            def executed() -> None:
+                run.uses_server_tools = True
+
+            run.chunks = plan.loop(chunks, parsed.prompts[0], step, native, deadline, executed)
+        elif plan is not None:
+            run.chunks = with_tool_calls(chunks, lambda: plan.parser(plan.first_choice))
+        return run

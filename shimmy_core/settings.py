@@ -43,6 +43,31 @@ class Settings:
     request_timeout: float = 300.0        # wall-clock deadline of one generation, seconds
     max_body_bytes: int = 4 * 1024 * 1024
     server_threads: int = 16              # waitress worker threads
+    # Response cache and operations (issue 7; docs/configuration.md, docs/operations.md)
+    cache: str = "memory"                 # cache plugin by name; "off" (--no-cache) turns the cache off
+    cache_size: int = 256                 # most cached responses
+    cache_ttl: float = 3600.0             # seconds a cached response lives; 0: until evicted
+    cache_dir: str = ""                   # --cache disk: its folder; "": $SHIMMY_HOME/cache
+    api_key: tuple[str, ...] = field(default=(), repr=False)  # Bearer keys; none: no authentication
+    cors_origins: tuple[str, ...] = ()    # browser origins allowed besides localhost ones; "*": any
+    allowed_hosts: tuple[str, ...] = ()   # Host names admitted besides the local ones; "*": any
+    log_prompts: bool = False             # write prompt text into the request log
+    max_messages: int = 1024              # most chat messages per request
+    max_prompt_tokens: int = 0            # most prompt tokens per prompt; 0: the context window decides
+    max_header_bytes: int = 64 * 1024     # most bytes of request headers
+    client_timeout: float = 120.0         # seconds a connection may stay idle or half-sent
+    shutdown_grace: float = 10.0          # seconds running requests get to finish on SIGTERM/SIGINT
+    max_loaded_models: int = 0            # models kept in memory at once; 0: no limit
+    keep_alive: float = -1.0              # seconds a model stays loaded while unused; negative: forever
+    # Tools (docs/tools.md)
+    tools_dirs: tuple[str, ...] = ()      # --tools-dir DIR (repeatable): JSON tools, besides $SHIMMY_HOME/tools
+    enable_tools: tuple[str, ...] = ()    # --enable-tool NAME (repeatable): tools the server runs itself
+    tool_roots: tuple[str, ...] = ()      # --tool-root DIR (repeatable): folders file_read may read
+    tool_http_allow: tuple[str, ...] = () # --http-allow HOST (repeatable): hosts http_request may reach anyway
+    tool_http_post: bool = False          # --http-allow-post: http_request may POST
+    tool_allow_file_and_network: bool = False  # --allow-file-and-network
+    tool_max_steps: int = 5               # tool rounds of the server-side loop per request
+    tool_timeout: float = 30.0            # seconds one tool run may take
     disable_plugins: tuple[str, ...] = ()
 
     @classmethod
@@ -75,7 +100,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if kind.startswith("tuple"):
         if isinstance(value, str):
-            sep = "," if f.name == "disable_plugins" else os.pathsep
+            sep = "," if f.name in ("disable_plugins", "api_key", "cors_origins", "allowed_hosts",
+                                    "enable_tools", "tool_http_allow") else os.pathsep
             return tuple(v.strip() for v in value.split(sep) if v.strip())
         return tuple(value)
     if kind == "bool":

@@ -1,11 +1,16 @@
-"""Shared fixtures: the real SmolLM2 GGUF model, a real `shimmy serve` on a
-free loopback port, official `openai` SDK clients, and the official OpenAI
-schemas to validate raw bodies against."""
+"""Shared fixtures: the real SmolLM2 GGUF model, the same model as a SafeTensors
+folder (converted once and cached), a real `shimmy serve` on a free loopback
+port, official `openai` SDK clients, and the official OpenAI schemas to
+validate raw bodies against."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,13 +36,103 @@ def smollm2_path() -> Path:
     return path
 
 
+# ------------------------------------------------------------------ the SafeTensors test model
+SAFETENSORS_MODEL_ID = "SmolLM2-135M-Instruct"
+SAFETENSORS_RECIPE = 1  # bump when build_safetensors_model changes: the cache key includes it
+
+
+def safetensors_cache_root() -> Path:
+    """Where converted test models are kept between test sessions (and CI runs on this machine)."""
+    return Path(os.environ.get("SHIMMY_TEST_CACHE") or Path.home() / ".cache" / "shimmy-tests").expanduser()
+
+
+def build_safetensors_model(gguf: Path, out: Path) -> None:
+    """SmolLM2-135M-Instruct as a Hugging Face model folder, converted from the GGUF with transformers:
+    bf16 weights in two SafeTensors shards with their index (as large checkpoints are published),
+    config.json, the tokenizer with the GGUF's chat template, and generation_config.json."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template, "the GGUF's chat template is lost"
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = "bfloat16"
+    state = {name: t.to(torch.bfloat16).contiguous() for name, t in model.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # shares the embedding's storage
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    weight_map = {}
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(str(out))
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}, indent=2))
+
+
+def safetensors_missing() -> str | None:
+    """Why the SafeTensors tests cannot run here (the extra is not installed), or None."""
+    missing = [m for m in ("torch", "transformers", "safetensors", "gguf") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"needs {', '.join(missing)}: pip install -e '.[test,safetensors]'"
+    return None
+
+
+def cached_safetensors_model(gguf: Path) -> Path:
+    """The SafeTensors folder made from ``gguf``, built once (about 20 s) and cached under a key of the
+    recipe, the transformers version and the GGUF file; a cache miss just rebuilds."""
+    st = gguf.stat()
+    key = hashlib.sha256(json.dumps([SAFETENSORS_RECIPE, importlib.metadata.version("transformers"),
+                                     gguf.name, st.st_size, st.st_mtime_ns]).encode()).hexdigest()[:16]
+    root = safetensors_cache_root()
+    folder = root / f"smollm2-{key}" / SAFETENSORS_MODEL_ID
+    if (folder / "generation_config.json").is_file():
+        return folder
+    building = root / f".building-{os.getpid()}-{key}"
+    shutil.rmtree(building, ignore_errors=True)
+    (building / SAFETENSORS_MODEL_ID).mkdir(parents=True)
+    try:
+        build_safetensors_model(gguf, building / SAFETENSORS_MODEL_ID)
+        try:
+            building.rename(folder.parent)  # atomic: a folder is there complete or not at all
+        except OSError:  # another session finished first
+            if not (folder / "generation_config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def safetensors_model_path(smollm2_path) -> Path:
+    """SmolLM2 as a SafeTensors folder (see :func:`cached_safetensors_model`)."""
+    reason = safetensors_missing()
+    if reason:
+        pytest.skip(reason)
+    return cached_safetensors_model(smollm2_path)
+
+
 class ServerProcess:
     """`shimmy serve` in a subprocess; knows its URL and its output."""
 
-    def __init__(self, args: list[str], env: dict[str, str], timeout: float = 120.0):
+    def __init__(self, args: list[str], env: dict[str, str], timeout: float = 120.0, prelude: str | None = None):
         self.started = time.monotonic()
+        # ``prelude``: Python run in the server process before the command line is handled.
+        command = ["-c", f"{prelude}\nimport sys\nfrom shimmy_core.cli import main\nsys.exit(main(sys.argv[1:]))"] \
+            if prelude else ["-m", "shimmy_core"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shimmy_core", *args],
+            [sys.executable, *command, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -80,12 +175,13 @@ def server_env(home: Path, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory):
-    """Start extra servers: ``start_server([...args])``; all are stopped at session end."""
+    """Start extra servers: ``start_server([...args], prelude=None, **env)``; all are stopped at session end."""
     started: list[ServerProcess] = []
 
-    def start(args: list[str], **env: str) -> ServerProcess:
+    def start(args: list[str], prelude: str | None = None, **env: str) -> ServerProcess:
         home = tmp_path_factory.mktemp("home")
-        server = ServerProcess(["serve", "--host", "127.0.0.1", "--port", "0", *args], server_env(home, **env))
+        server = ServerProcess(["serve", "--host", "127.0.0.1", "--port", "0", *args], server_env(home, **env),
+                               prelude=prelude)
         started.append(server)
         return server
 
@@ -95,14 +191,28 @@ def start_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(start_server, smollm2_path) -> ServerProcess:
+def gguf_server(start_server, smollm2_path) -> ServerProcess:
     """One shared `shimmy serve --model SmolLM2` for the end-to-end tests."""
     srv = start_server(["--model", str(smollm2_path), "--no-demo"])
     httpx.get(srv.base + "/health", timeout=30).raise_for_status()
     return srv
 
 
+@pytest.fixture(scope="session")
+def server(gguf_server) -> ServerProcess:
+    """The GGUF server (test_e2e_openai.py overrides this to run over every backend)."""
+    return gguf_server
+
+
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
+
+
+@pytest.fixture(scope="session")
+def safetensors_server(start_server, safetensors_model_path) -> ServerProcess:
+    """`shimmy serve --model <SafeTensors folder>`."""
+    srv = start_server(["--model", str(safetensors_model_path), "--no-demo"])
+    httpx.get(srv.base + "/health", timeout=30).raise_for_status()
+    return srv
 
 
 @pytest.fixture(scope="session")

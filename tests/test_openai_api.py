@@ -209,7 +209,9 @@ def make_api(validate):
         pm = create_plugin_manager(load_entry_points=False, extra_plugins=[("fake", plugin)])
         shimmy = build(settings, pm)
         made.append(shimmy)
-        return Harness(falcon.testing.TestClient(create_app(shimmy)), plugin, settings, validate)
+        # Falcon's simulated requests say Host: falconframework.org, which the DNS-rebinding check refuses.
+        client = falcon.testing.TestClient(create_app(shimmy), headers={"Host": "localhost"})
+        return Harness(client, plugin, settings, validate)
 
     yield make
     for shimmy in made:

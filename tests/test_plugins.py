@@ -505,7 +505,8 @@ def hello_report(result: subprocess.CompletedProcess) -> dict:
 def test_example_plugin_installs_and_registers_hello(hello_target):
     report = hello_report(run_python(HELLO_REPORT, run_env(hello_target)))
     assert report["loaded"]["hello"] == "shimmy-hello"
-    assert report["tools"] == {"hello": "hello"}
+    assert report["tools"] == {"hello": "hello", "calculator": "tools_calculator", "file_read": "tools_files",
+                               "http_request": "tools_http"}  # the example's tool, and the built-in ones
     assert report["description"]
     assert report["run"] == "Hello, Ada!"
 

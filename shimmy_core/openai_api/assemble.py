@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterable, Iterator
 
-from shimmy_core.backend import Chunk, Finish, TextDelta, Usage
+from shimmy_core.backend import Chunk, Finish, TextDelta, ToolCallDelta, ToolExecuted, Usage
 from shimmy_core.openai_api import sse
 from shimmy_core.openai_api.errors import from_exception
-from shimmy_core.openai_api.responses import ChoiceState, ResponseBuilder
+from shimmy_core.openai_api.responses import ChoiceState, ResponseBuilder, executed_body
 
 log = logging.getLogger("shimmy")
 
@@ -25,6 +25,10 @@ def collect(builder: ResponseBuilder, events: Iterable[tuple[int, Chunk]]) -> di
                 state.logprob_offset = len(state.text)
             state.text += chunk.text
             state.logprobs.extend(chunk.logprobs)
+        elif isinstance(chunk, ToolCallDelta):
+            state.add_call_delta(chunk)
+        elif isinstance(chunk, ToolExecuted):
+            state.executed.append(executed_body(chunk))
         elif isinstance(chunk, Finish):
             state.finish_reason = chunk.reason
         elif isinstance(chunk, Usage):
@@ -52,6 +56,10 @@ def stream(
                     offset = offsets.get(index, 0)
                     offsets[index] = offset + len(chunk.text)
                     yield sse.event(builder.text_chunk(index, chunk.text, chunk.logprobs, offset, include_usage))
+            elif isinstance(chunk, ToolCallDelta):
+                yield sse.event(builder.tool_call_chunk(index, chunk, include_usage))
+            elif isinstance(chunk, ToolExecuted):
+                yield sse.event(builder.executed_chunk(index, chunk, include_usage))
             elif isinstance(chunk, Finish):
                 yield sse.event(builder.finish_chunk(index, chunk.reason, include_usage))
             elif isinstance(chunk, Usage):

@@ -78,7 +78,7 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, Overloaded):
         retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
-        code = "queue_timeout" if exc.timed_out else "server_overloaded"
+        code = getattr(exc, "code", None) or ("queue_timeout" if exc.timed_out else "server_overloaded")
         return APIError(503, str(exc), type="server_error", code=code, headers=retry)
     if isinstance(exc, BackendUnavailable):
         return APIError(503, str(exc), code="backend_unavailable")

@@ -5,6 +5,7 @@ Every client mistake becomes a 400 with ``param`` naming the offending field.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from jsonschema import Draft202012Validator
 
 from shimmy_core.backend import GenerationRequest, SamplingParams
 from shimmy_core.openai_api.errors import APIError, invalid
+from shimmy_core.tools.loop import RequestedTool, ToolRequest
 
 MAX_DEPTH = 64
 MAX_STOP = 16
@@ -58,6 +60,92 @@ _COMMON = {
     "user": {"type": ["string", "null"]},
 }
 
+MAX_TOOLS = 128
+_FUNCTION_NAME = {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"}
+_FUNCTION_REF = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+    },
+}
+_TOOL_CALL = {
+    "type": "object",
+    "required": ["id", "type", "function"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name", "arguments"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+        },
+    },
+}
+_TOOLS = {
+    "type": ["array", "null"],
+    "maxItems": MAX_TOOLS,
+    "items": {
+        "type": "object",
+        "required": ["type"],  # "function" is checked after "type", so that other tool types are named
+        "properties": {
+            "type": {"const": "function"},
+            "function": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": _FUNCTION_NAME,
+                    "description": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "strict": {"type": ["boolean", "null"]},
+                },
+            },
+        },
+    },
+}
+_TOOL_CHOICE = {
+    "anyOf": [
+        {"type": "null"},
+        {"enum": ["none", "auto", "required"]},
+        _FUNCTION_REF,
+        {
+            "type": "object",
+            "required": ["type", "allowed_tools"],
+            "properties": {
+                "type": {"const": "allowed_tools"},
+                "allowed_tools": {
+                    "type": "object",
+                    "required": ["mode", "tools"],
+                    "properties": {"mode": {"enum": ["auto", "required"]}, "tools": {"type": "array", "items": _FUNCTION_REF}},
+                },
+            },
+        },
+    ]
+}
+_RESPONSE_FORMAT = {
+    "anyOf": [
+        {"type": "null"},
+        {
+            "type": "object",
+            "required": ["type"],
+            "properties": {
+                "type": {"enum": ["text", "json_object", "json_schema"]},
+                "json_schema": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": _FUNCTION_NAME,
+                        "description": {"type": "string"},
+                        "schema": {"type": ["object", "boolean"]},
+                        "strict": {"type": ["boolean", "null"]},
+                    },
+                },
+            },
+        },
+    ]
+}
+
 CHAT_SCHEMA = {
     "type": "object",
     "required": ["model", "messages"],
@@ -81,11 +169,16 @@ CHAT_SCHEMA = {
                     },
                     "name": {"type": "string"},
                     "tool_call_id": {"type": "string"},
+                    "tool_calls": {"type": ["array", "null"], "maxItems": MAX_TOOLS, "items": _TOOL_CALL},
                 },
             },
         },
         "logprobs": {"type": ["boolean", "null"]},
         "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+        "tools": _TOOLS,
+        "tool_choice": _TOOL_CHOICE,
+        "parallel_tool_calls": {"type": ["boolean", "null"]},
+        "response_format": _RESPONSE_FORMAT,
     },
 }
 
@@ -124,6 +217,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     echo: bool
+    tools: ToolRequest | None = None        # chat: tools, tool_choice, parallel_tool_calls, response_format
 
 
 def _reject_constant(name: str):
@@ -299,7 +393,11 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
         top_logprobs=top_logprobs,
     )
 
+    tools = None
     if kind == "chat":
+        tools, grammar = _tool_request(body)
+        if grammar is not None:
+            params = dataclasses.replace(params, grammar=grammar)
         messages = []
         for i, message in enumerate(body["messages"]):
             role = "system" if message["role"] == "developer" else message["role"]
@@ -309,7 +407,7 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
             for key in ("name", "tool_call_id"):
                 if key in message:
                     item[key] = _check_text(message[key], f"messages[{i}].{key}")
-            if "tool_calls" in message:
+            if message.get("tool_calls"):
                 _check_strings(message["tool_calls"], f"messages[{i}].tool_calls")
                 item["tool_calls"] = message["tool_calls"]
             messages.append(item)
@@ -328,4 +426,79 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
         stream=stream,
         include_usage=bool((options or {}).get("include_usage", False)),
         echo=bool(body.get("echo") or False) if kind == "completion" else False,
+        tools=tools,
     )
+
+
+def _user_schema(schema, param: str) -> None:
+    from shimmy_core.tools.schemas import SchemaProblem, check_schema
+
+    try:
+        check_schema(schema)
+    except SchemaProblem as exc:
+        raise invalid(f"Invalid JSON Schema in '{param}': {exc}.", param=param, code="invalid_schema") from None
+
+
+def _tool_request(body: dict) -> tuple[ToolRequest, str | None]:
+    """The tool-related fields of a chat body, checked; and the grammar ``response_format`` asks for."""
+    from shimmy_core.tools.grammar import UnsupportedSchema, json_object_grammar, schema_grammar
+
+    requested = []
+    for i, tool in enumerate(body.get("tools") or ()):
+        if "function" not in tool:
+            raise invalid(f"Missing required parameter: 'tools[{i}].function'.", param=f"tools[{i}].function",
+                          code="invalid_value")
+        function = tool["function"]
+        parameters = function.get("parameters")
+        if parameters is not None:
+            _user_schema(parameters, f"tools[{i}].function.parameters")
+        description = function.get("description")
+        if description is not None:
+            _check_text(description, f"tools[{i}].function.description")
+        if any(t.name == function["name"] for t in requested):
+            raise invalid(f"Duplicate function name {function['name']!r} in 'tools'.", param=f"tools[{i}].function.name")
+        requested.append(RequestedTool(function["name"], description, parameters, i))
+    names = [t.name for t in requested]
+
+    raw_choice = body.get("tool_choice")
+    choice, function, allowed = ("auto" if requested else "none"), None, None
+    if isinstance(raw_choice, str):
+        choice = raw_choice
+    elif isinstance(raw_choice, dict) and raw_choice.get("type") == "function":
+        choice, function = "function", raw_choice["function"]["name"]
+        if function not in names:
+            raise invalid(f"'tool_choice' names the function {function!r}, which is not in 'tools'.",
+                          param="tool_choice.function.name", code="invalid_value")
+    elif isinstance(raw_choice, dict):
+        spec = raw_choice["allowed_tools"]
+        choice = spec["mode"]
+        allowed = tuple(t["function"]["name"] for t in spec["tools"])
+        unknown = [n for n in allowed if n not in names]
+        if unknown:
+            raise invalid(f"'tool_choice' allows {unknown[0]!r}, which is not in 'tools'.",
+                          param="tool_choice.allowed_tools.tools", code="invalid_value")
+    if choice in ("required", "function") and not requested:
+        raise invalid("'tool_choice' is only allowed when 'tools' are given.", param="tool_choice")
+
+    answer_schema, grammar = None, None
+    response_format = body.get("response_format") or {"type": "text"}
+    if response_format["type"] == "json_object":
+        answer_schema, grammar = {"type": "object"}, json_object_grammar()
+    elif response_format["type"] == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise invalid("Missing required parameter: 'response_format.json_schema'.",
+                          param="response_format.json_schema", code="invalid_value")
+        if "schema" not in spec:
+            raise invalid("'response_format' of type json_schema needs 'json_schema.schema'.",
+                          param="response_format.json_schema.schema", code="invalid_value")
+        answer_schema = spec["schema"]
+        _user_schema(answer_schema, "response_format.json_schema.schema")
+        try:
+            grammar = schema_grammar(answer_schema)
+        except UnsupportedSchema as exc:
+            raise invalid(f"Invalid schema for response_format {spec['name']!r}: {exc}.",
+                          param="response_format.json_schema.schema", code="unsupported_schema") from None
+    parallel = body.get("parallel_tool_calls")
+    request = ToolRequest(tuple(requested), choice, function, allowed, parallel, answer_schema)
+    return request, grammar

@@ -6,7 +6,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from shimmy_core.backend import TokenLogprob, Usage
+from shimmy_core.backend import TokenLogprob, ToolCallDelta, ToolExecuted, Usage
 
 SYSTEM_FINGERPRINT = "shimmy"
 
@@ -20,6 +20,43 @@ class ChoiceState:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     logprob_offset: int = 0   # where the first token with logprobs starts in text (after an echo)
+    tool_calls: list[dict] = field(default_factory=list)   # OpenAI tool call objects, as they grow
+    executed: list[dict] = field(default_factory=list)     # calls the server ran (executed_tool_calls)
+
+    def add_call_delta(self, delta: ToolCallDelta) -> None:
+        while len(self.tool_calls) <= delta.call_index:
+            self.tool_calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call = self.tool_calls[delta.call_index]
+        if delta.id:
+            call["id"] = delta.id
+        if delta.name:
+            call["function"]["name"] = delta.name
+        call["function"]["arguments"] += delta.arguments
+
+
+def executed_body(run: ToolExecuted) -> dict:
+    """A call the server ran, as it appears in ``executed_tool_calls`` (Shimmy's extension)."""
+    return {
+        "id": run.id,
+        "type": "function",
+        "function": {"name": run.name, "arguments": run.arguments},
+        "output": run.output,
+        "is_error": run.is_error,
+    }
+
+
+def _message(c: ChoiceState) -> dict:
+    message: dict = {
+        "role": "assistant",
+        # content is null when the model only called tools
+        "content": c.text if c.text or not c.tool_calls else None,
+        "refusal": None,
+    }
+    if c.tool_calls:
+        message["tool_calls"] = c.tool_calls
+    if c.executed:
+        message["executed_tool_calls"] = c.executed
+    return message
 
 
 def usage_body(usages: list[Usage]) -> dict:
@@ -83,7 +120,7 @@ class ResponseBuilder:
             body["choices"] = [
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "message": _message(c),
                     "logprobs": (
                         {"content": [_chat_logprob(lp) for lp in c.logprobs], "refusal": None}
                         if self.want_logprobs
@@ -143,6 +180,23 @@ class ResponseBuilder:
                 "logprobs": _completion_logprobs(list(logprobs), offset) if self.want_logprobs else None,
                 "finish_reason": None,
             }
+        return self._chunk([choice], None, include_usage)
+
+    def tool_call_chunk(self, index: int, delta: ToolCallDelta, include_usage: bool) -> dict:
+        """A piece of a tool call: the first carries id, type and name, the next ones arguments."""
+        call: dict = {"index": delta.call_index}
+        if delta.id is not None:
+            call.update({"id": delta.id, "type": "function",
+                         "function": {"name": delta.name or "", "arguments": delta.arguments}})
+        else:
+            call["function"] = {"arguments": delta.arguments}
+        choice = {"index": index, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
+        return self._chunk([choice], None, include_usage)
+
+    def executed_chunk(self, index: int, run: ToolExecuted, include_usage: bool) -> dict:
+        """A call the server ran, streamed as soon as it has run (``delta.executed_tool_calls``)."""
+        choice = {"index": index, "delta": {"executed_tool_calls": [executed_body(run)]}, "logprobs": None,
+                  "finish_reason": None}
         return self._chunk([choice], None, include_usage)
 
     def finish_chunk(self, index: int, reason: str, include_usage: bool) -> dict:

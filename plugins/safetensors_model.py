@@ -1,0 +1,407 @@
+"""A SafeTensors model folder loaded with transformers and torch.
+
+Imported only when such a model loads.  :func:`load` picks the device and
+dtype, shows progress on the console and loads the tokenizer and the weights
+(SafeTensors only, no custom code, no network).  :class:`SafeTensorsModel`
+behaves exactly as the GGUF backend's model: the tokenizer's chat template
+rendered in Shimmy's sandbox, the same context-length checks and limits, the
+same end-of-turn stops, stop strings held back by
+:class:`~shimmy_core.stops.StopScanner`, the same sampling (see
+:mod:`shimmy_plugins.safetensors_engine`), and ``cancelled()`` checked for
+every token.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from shimmy_core.backend import (
+    BackendUnavailable,
+    Chunk,
+    Finish,
+    GenerationRequest,
+    InvalidPrompt,
+    ModelLoadError,
+    Overloaded,
+    PreparedPrompt,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from shimmy_core.chat_template import CHATML_FALLBACK, ChatTemplate, TemplateError, template_stop_strings
+from shimmy_core.prompting import PromptBuilder
+from shimmy_core.stops import StopScanner
+from shimmy_plugins.safetensors_engine import BatchEngine, EngineError, Job, Ticket
+from shimmy_plugins.safetensors_text import IncrementalDecoder, TokenPieces
+
+_POLL_S = 0.05
+_HEARTBEAT_S = 10.0
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+# ------------------------------------------------------------------ device and dtype
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, then Apple MPS, else the CPU; or the device named."""
+    wanted = (requested or "auto").strip().lower()
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if wanted == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if has_mps else torch.device("cpu")
+    try:
+        device = torch.device(wanted)
+    except (RuntimeError, ValueError):
+        raise BackendUnavailable(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(f"device {requested!r} asked for, but torch {torch.__version__} sees no CUDA GPU "
+                                     "(a CPU-only build of torch?); use --device auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BackendUnavailable(f"device {requested!r} asked for, but only {torch.cuda.device_count()} "
+                                     "CUDA device(s) are visible")
+    elif device.type == "mps" and not has_mps:
+        raise BackendUnavailable(f"device {requested!r} asked for, but Apple MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise BackendUnavailable(f"unsupported device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def pick_dtype(requested: str, device: torch.device, config: dict) -> torch.dtype:
+    """``auto``: float32 on the CPU; on a GPU the config's half type (bf16 or fp16), bf16 where the
+    card supports it and the config names none, else fp16."""
+    wanted = (requested or "auto").strip().lower()
+    if wanted != "auto":
+        if wanted not in DTYPES:
+            raise BackendUnavailable(f"unknown dtype {requested!r}: use auto, float32, float16 or bfloat16")
+        return DTYPES[wanted]
+    if device.type == "cpu":
+        return torch.float32
+    named = DTYPES.get(str(config.get("dtype") or config.get("torch_dtype") or "").lower())
+    if device.type == "mps":
+        return torch.float16
+    bf16 = torch.cuda.is_bf16_supported()
+    if named == torch.float16 or not bf16:
+        return torch.float16
+    return torch.bfloat16
+
+
+# ------------------------------------------------------------------ loading
+def _human_bytes(n: int) -> str:
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+class LoadProgress:
+    """Console lines while a model loads: what and where, a heartbeat every few seconds, the time taken.
+    (transformers adds its own progress bar over the weights.)"""
+
+    def __init__(self, what: str, out=None, every: float = _HEARTBEAT_S):
+        self.what = what
+        self.out = out or sys.stderr
+        self.every = every
+        self._done = threading.Event()
+        self.started = 0.0
+        self.seconds = 0.0
+
+    def say(self, line: str) -> None:
+        print(f"shimmy: {line}", file=self.out, flush=True)
+
+    def __enter__(self) -> "LoadProgress":
+        self.started = time.monotonic()
+        self.say(f"loading {self.what} ...")
+        threading.Thread(target=self._beat, daemon=True, name="shimmy-load-progress").start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.every):
+            self.say(f"still loading ({time.monotonic() - self.started:.0f} s) ...")
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self._done.set()
+        self.seconds = time.monotonic() - self.started
+        if exc is None:
+            self.say(f"loaded in {self.seconds:.1f} s")
+        else:
+            self.say(f"loading failed after {self.seconds:.1f} s")
+
+
+def _read_json(path: Path) -> dict:
+    from shimmy_core.discovery import read_json
+
+    if not path.is_file():
+        return {}
+    try:
+        doc = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"unreadable {path.name} in {path.parent}: {exc}") from None
+    return doc if isinstance(doc, dict) else {}
+
+
+def load(info, settings) -> "SafeTensorsModel":
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(info.path)
+    config = _read_json(folder / "config.json")
+    generation = _read_json(folder / "generation_config.json")
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device, config)
+    shards = info.extra.get("shards") if isinstance(info.extra, dict) else None
+    size = f"{_human_bytes(info.size_bytes)}, " if info.size_bytes else ""
+    parts = f"{shards} shards, " if isinstance(shards, int) and shards > 1 else ""
+    what = f"{info.id} ({size}{parts}{info.path}) on {device} as {str(dtype).removeprefix('torch.')}"
+    common: dict[str, Any] = {"trust_remote_code": False, "local_files_only": True}
+    try:
+        with LoadProgress(what):
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), **common)
+            kwargs: dict[str, Any] = {**common, "use_safetensors": True}
+            dtype_arg = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
+            kwargs[dtype_arg] = dtype
+            placed = device.type != "cpu" and importlib.util.find_spec("accelerate") is not None
+            if placed:
+                kwargs["device_map"] = {"": str(device)}
+            model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+            if not placed:
+                model = model.to(device)
+            model.eval()
+            return SafeTensorsModel(info, model, tokenizer, device, settings, config=config, generation=generation)
+    except (BackendUnavailable, ModelLoadError):
+        raise
+    except Exception as exc:  # transformers raises many kinds (OSError, ValueError, ImportError...)
+        raise ModelLoadError(f"could not load SafeTensors model {info.id!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _ids(value: Any) -> set[int]:
+    if isinstance(value, bool):
+        return set()
+    if isinstance(value, int):
+        return {value} if value >= 0 else set()
+    if isinstance(value, (list, tuple)):
+        return {v for v in value if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+    return set()
+
+
+# ------------------------------------------------------------------ the loaded model
+class SafeTensorsModel:
+    """A loaded transformers model with its tokenizer, chat template, stops and batching engine."""
+
+    def __init__(self, info, model, tokenizer, device: torch.device, settings, *, config: dict, generation: dict):
+        self.info = info
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.queue_timeout = settings.queue_timeout
+        trained = info.context_length or next(
+            (v for k in ("max_position_embeddings", "n_positions", "max_seq_len") if isinstance(v := config.get(k), int)),
+            None)
+        self.context_length = settings.ctx_size or min(trained or 4096, settings.max_ctx)
+        self._encode_lock = threading.Lock()
+        self.pieces = TokenPieces(tokenizer)
+
+        self.bos_text = tokenizer.bos_token or ""
+        eos_text = tokenizer.eos_token or ""
+        self.prefix_ids = self._special_prefix()
+        self.start_id = next((i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None), 0)
+        source = tokenizer.chat_template
+        if isinstance(source, dict):  # several named templates: the default one
+            source = source.get("default") or next(iter(source.values()), None)
+        if not isinstance(source, str) or not source:
+            source = CHATML_FALLBACK
+        try:
+            self.template = ChatTemplate(source, bos_token=self.bos_text, eos_token=eos_text)
+        except TemplateError:
+            source = CHATML_FALLBACK
+            self.template = ChatTemplate(source, bos_token=self.bos_text, eos_token=eos_text)
+        self.turn_stops = tuple(template_stop_strings(source))
+        self.prompts = PromptBuilder(
+            template=self.template,
+            tokenize=self.tokenize,
+            context_length=self.context_length,
+            max_tokens_ceiling=settings.max_tokens_ceiling,
+            start_token=self.start_id,
+            bos_text=self.bos_text,
+            turn_stops=self.turn_stops,
+        )
+
+        # End of generation: generation_config.json's EOS ids (config.json's without it), the tokenizer's
+        # EOS, and special tokens that are end-of-turn markers (llama.cpp's end-of-generation set).
+        eog = _ids(generation.get("eos_token_id")) if "eos_token_id" in generation else _ids(config.get("eos_token_id"))
+        eog |= _ids(tokenizer.eos_token_id)
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        for token_id, token in added.items():
+            content = getattr(token, "content", "")
+            if getattr(token, "special", False) and content and template_stop_strings(content) == [content]:
+                eog.add(int(token_id))
+        self.eog = frozenset(eog)
+
+        self.engine = BatchEngine(model, device, parallel=settings.parallel, queue_size=settings.queue_size,
+                                  chunk=settings.batch_size, threads=settings.threads, name=info.id)
+
+    def _special_prefix(self) -> list[int]:
+        """The special ids the tokenizer puts before a text (BOS for Llama-style tokenizers, often none)."""
+        tok = self.tokenizer
+        try:
+            plain = tok.encode("a", add_special_tokens=False)
+            marked = tok.encode("a", add_special_tokens=True)
+        except Exception:
+            return []
+        for start in range(len(marked) - len(plain) + 1):
+            if marked[start:start + len(plain)] == plain:
+                return list(marked[:start])
+        return []
+
+    # ------------------------------------------------------------ prompts
+    def tokenize(self, text: str, add_prefix: bool) -> list[int]:
+        with self._encode_lock:  # a fast tokenizer must not be used by two threads at once
+            ids = list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+        return (list(self.prefix_ids) if add_prefix else []) + ids
+
+    def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        return self.prompts.prepare(request)
+
+    # ------------------------------------------------------------ generation
+    def _logprob(self, token: int, logprob: float, top: tuple) -> TokenLogprob:
+        text, raw = self.pieces.text(token)
+        tops = tuple(TopLogprob(t, lp, tuple(b)) for t, b, lp in
+                     ((*self.pieces.text(i), lp) for i, lp in top))
+        return TokenLogprob(text, logprob, tuple(raw), tops)
+
+    def generate_choices(
+        self, choices: Sequence[tuple[PreparedPrompt, SamplingParams]], cancelled: Callable[[], bool]
+    ) -> Iterator[tuple[int, Chunk]]:
+        """Run every choice as a row of the batch; raises :class:`Overloaded` before any output when
+        the queue cannot take them or the wait for a slot passes the queue timeout."""
+        if any(getattr(params, "grammar", None) for _, params in choices):
+            raise InvalidPrompt("This model runs on the SafeTensors backend, which cannot constrain its output "
+                                "to a grammar; use a GGUF model for constrained output.",
+                                param="response_format", code="grammar_unsupported")
+        ticket = Ticket(sum(p.max_tokens + 4 for p, _ in choices) + 4)
+        jobs = [Job(i, list(prepared.tokens), params, prepared.max_tokens, self.eog, ticket)
+                for i, (prepared, params) in enumerate(choices)]
+        self.engine.submit(jobs)
+        deadline = time.monotonic() + self.queue_timeout
+        while not ticket.admitted.wait(_POLL_S):
+            if cancelled():
+                ticket.cancel()
+                break
+            if time.monotonic() > deadline:
+                ticket.cancel()
+                raise Overloaded(f"The request waited {self.queue_timeout:.0f} s for a free slot.",
+                                 retry_after=1.0, timed_out=True)
+        return self._read(choices, jobs, ticket, cancelled)
+
+    def _read(self, choices, jobs: list[Job], ticket: Ticket, cancelled: Callable[[], bool]):
+        """The chunks of every choice as the engine produces their tokens (request thread)."""
+        states = [_Choice(self.tokenizer, prepared, params) for prepared, params in choices]
+        try:
+            while not all(s.done for s in states):
+                if cancelled():
+                    ticket.cancel()
+                    for index, state in enumerate(states):
+                        if not state.done:
+                            yield from ((index, c) for c in state.finish("length"))
+                    return
+                try:
+                    index, item = ticket.out.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if not self.engine.alive():
+                        raise EngineError(f"the engine of model {self.info.id!r} stopped") from None
+                    continue
+                if item[0] == "error":
+                    raise item[1]
+                state = states[index]
+                if state.done:
+                    continue  # tokens the engine made before it saw a stop string
+                if item[0] == "end":
+                    yield from ((index, c) for c in state.finish(item[1]))
+                    continue
+                _, token, logprob, top = item
+                lp = self._logprob(token, logprob, top) if state.params.logprobs else None
+                for chunk in state.feed(token, lp):
+                    yield index, chunk
+                if state.done:
+                    jobs[index].stopped.set()
+        finally:
+            ticket.cancel()
+
+    def generate(
+        self, prepared: PreparedPrompt, params: SamplingParams, cancelled: Callable[[], bool]
+    ) -> Iterator[Chunk]:
+        return (chunk for _, chunk in self.generate_choices([(prepared, params)], cancelled))
+
+    def stats(self) -> dict[str, int]:
+        return self.engine.stats()
+
+    def close(self) -> None:
+        self.engine.close()
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+
+class _Choice:
+    """One choice's text as the request thread builds it: ids to text, stop strings held back,
+    logprobs attached to the text they belong to; the same steps as the GGUF engine's."""
+
+    def __init__(self, tokenizer, prepared: PreparedPrompt, params: SamplingParams):
+        self.params = params
+        self.n_prompt = len(prepared.tokens)
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.scanner = StopScanner(prepared.stop)
+        self.pending_lps: list[TokenLogprob] = []
+        self.generated = 0
+        self.done = False
+
+    def feed(self, token: int, logprob: TokenLogprob | None) -> list[Chunk]:
+        self.generated += 1
+        if logprob is not None:
+            self.pending_lps.append(logprob)
+        out: list[Chunk] = []
+        text, stopped = self.scanner.feed(self.decoder.add(token))
+        if text or (self.pending_lps and not stopped):
+            out.append(TextDelta(text, tuple(self.pending_lps)))
+            self.pending_lps = []
+        if stopped:
+            out += self.finish("stop")
+        return out
+
+    def finish(self, reason: str) -> list[Chunk]:
+        out: list[Chunk] = []
+        if not self.scanner.stopped:
+            tail, stopped = self.scanner.feed(self.decoder.flush())
+            tail += self.scanner.flush()
+            reason = "stop" if stopped else reason
+            if tail or self.pending_lps:
+                out.append(TextDelta(tail, tuple(self.pending_lps)))
+        self.pending_lps = []
+        self.done = True
+        return out + [Finish(reason), Usage(self.n_prompt, self.generated)]
+

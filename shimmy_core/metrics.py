@@ -1,0 +1,72 @@
+"""Prometheus metrics, in a registry of the app's own (no process-wide globals).
+
+The request middleware records requests, latencies, tokens and cache results;
+model gauges (busy slots, queue depth, loaded models) are read from the model
+manager when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shimmy_core.models import ModelManager
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _ModelGauges:
+    """Busy slots, queue depth and loaded models, read at scrape time."""
+
+    def __init__(self, manager: "ModelManager"):
+        self.manager = manager
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        busy = GaugeMetricFamily("shimmy_busy_slots", "Sequences generating now, per loaded model.",
+                                 labels=["model"])
+        queued = GaugeMetricFamily("shimmy_queue_depth", "Requests waiting for a free slot, per loaded model.",
+                                   labels=["model"])
+        stats = self.manager.stats()
+        for entry in stats:
+            name = str(entry.get("id") or entry.get("path"))
+            busy.add_metric([name], float(entry.get("busy_slots", 0)))
+            queued.add_metric([name], float(entry.get("queued", 0)))
+        loaded = GaugeMetricFamily("shimmy_loaded_models", "Models loaded in memory.", value=len(stats))
+        return [busy, queued, loaded]
+
+
+class Metrics:
+    def __init__(self, manager: "ModelManager"):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("shimmy_requests", "HTTP requests answered, by route, method and status.",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("shimmy_request_duration_seconds",
+                                 "Time from a request's arrival to its last byte (a stream's end), by route.",
+                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("shimmy_time_to_first_token_seconds",
+                              "Time from a generation request's arrival to its first generated text.",
+                              ["model"], buckets=_TTFT_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("shimmy_prompt_tokens", "Prompt tokens processed (cache hits count none).",
+                                     ["model"], registry=r)
+        self.completion_tokens = Counter("shimmy_completion_tokens",
+                                         "Completion tokens generated (cache hits count none).", ["model"],
+                                         registry=r)
+        self.cache_hits = Counter("shimmy_cache_hits", "Generation requests answered from the response cache.",
+                                  registry=r)
+        self.cache_misses = Counter("shimmy_cache_misses",
+                                    "Generation requests that ran a model (not cacheable, bypassed or not found).",
+                                    registry=r)
+        r.register(_ModelGauges(manager))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,19 @@
+"""Function calling, structured output and tools.
+
+- :mod:`~shimmy_core.tools.schemas`: JSON Schema validators that never fetch a remote ``$ref``
+  and whose ``pattern`` checks run under a time limit.
+- :mod:`~shimmy_core.tools.grammar`: JSON Schema to GBNF (the subset that a grammar can
+  enforce; anything else is :class:`~shimmy_core.tools.grammar.UnsupportedSchema`).
+- :mod:`~shimmy_core.tools.calls`: tool calls recognised in a model's text, streamed or not.
+- :mod:`~shimmy_core.tools.prompting`: tools and tool messages into a chat template, or into the
+  messages as text for templates that know no tools.
+- :mod:`~shimmy_core.tools.toolbox`: the registered tools, which ones the server may run, and
+  running them with validated arguments.
+- :mod:`~shimmy_core.tools.loop`: a request's tool plan and the server-side loop.
+- :mod:`~shimmy_core.tools.specs`: JSON tool files (``tool-spec.schema.json``).
+- :mod:`~shimmy_core.tools.calculator`, :mod:`~shimmy_core.tools.files`,
+  :mod:`~shimmy_core.tools.http_client`: the built-in tools' engines (registered by the
+  ``tools_*`` plugins).
+
+Nothing here imports an inference library.
+"""

@@ -1,0 +1,422 @@
+"""The SafeTensors backend in-process: the real SmolLM2 folder (converted from the
+GGUF by the session fixture) loaded through the backend, plus small folders made
+here for what the real one cannot show (refusals, a single-file checkpoint, a
+missing generation_config.json)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from shimmy_core.backend import (
+    BackendUnavailable,
+    ContextLengthExceeded,
+    Finish,
+    GenerationRequest,
+    InvalidPrompt,
+    ModelLoadError,
+    Overloaded,
+    SamplingParams,
+    TextDelta,
+    Usage,
+)
+from shimmy_core.discovery import CUSTOM_CODE, UNSUPPORTED, ModelFacts, Scanner, Skip
+from shimmy_core.settings import Settings
+from tests.conftest import safetensors_missing
+
+pytestmark = pytest.mark.skipif(safetensors_missing() is not None, reason=str(safetensors_missing()))
+
+PROMPTS = ["Name a color.", "Name a fruit.", "Name an animal.", "Name a country."]
+
+
+def info_for(folder: Path, model_id: str = "smol"):
+    [found] = [f for f in Scanner(max_depth=0).path(folder) if f.path == folder]
+    assert isinstance(found.result, ModelFacts), found.result
+    return found.result.info(model_id, "test")
+
+
+def load(folder: Path, **settings):
+    from shimmy_plugins.safetensors_backend import SafeTensorsBackend
+
+    return SafeTensorsBackend().load(info_for(folder), Settings(**{"demo": False, **settings}))
+
+
+@pytest.fixture(scope="module")
+def model(safetensors_model_path):
+    loaded = load(safetensors_model_path, parallel=4)
+    yield loaded
+    loaded.close()
+
+
+def chat(content: str, **params) -> GenerationRequest:
+    return GenerationRequest(messages=({"role": "user", "content": content},), params=SamplingParams(**params))
+
+
+def run(model, request: GenerationRequest, cancelled=lambda: False):
+    """(text, finish reason, usage, logprobs, chunks) of one choice."""
+    prepared = model.prepare(request)
+    chunks = list(model.generate(prepared, request.params, cancelled))
+    text = "".join(c.text for c in chunks if isinstance(c, TextDelta))
+    logprobs = [lp for c in chunks if isinstance(c, TextDelta) for lp in c.logprobs]
+    [finish] = [c for c in chunks if isinstance(c, Finish)]
+    [usage] = [c for c in chunks if isinstance(c, Usage)]
+    assert isinstance(chunks[-1], Usage) and isinstance(chunks[-2], Finish)
+    return text, finish.reason, usage, logprobs, chunks
+
+
+# ------------------------------------------------------------------ the real model
+def test_chat_template_stops_and_context(model):
+    assert model.context_length == 8192
+    assert model.eog >= {2}  # generation_config.json's eos_token_id (<|im_end|>)
+    assert "<|im_end|>" in model.turn_stops
+    prepared = model.prepare(chat("Say hello."))
+    assert prepared.text.startswith("<|im_start|>system\n") and prepared.text.endswith("<|im_start|>assistant\n")
+    assert prepared.tokens[0] == 1 and prepared.max_tokens == 4096  # the server-side ceiling
+    text, reason, usage, _, _ = run(model, chat("Say hello.", temperature=0, max_tokens=64))
+    assert reason == "stop" and text and "<|im_end|>" not in text
+    assert usage.prompt_tokens == len(prepared.tokens) and 0 < usage.completion_tokens < 64
+
+
+def test_raw_prompt_and_empty_prompt(model):
+    text, reason, usage, _, _ = run(model, GenerationRequest(prompt="One, two, three,", params=SamplingParams(
+        temperature=0, max_tokens=4)))
+    assert reason == "length" and usage.completion_tokens == 4 and text
+    prepared = model.prepare(GenerationRequest(prompt=""))
+    assert prepared.tokens == (1,)  # nothing to decode from: start at BOS, as GGUF does
+
+
+def test_context_checks_match_gguf(model):
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 8192") as info:
+        model.prepare(chat("hello " * 9000))
+    assert info.value.param == "messages"
+    with pytest.raises(ContextLengthExceeded) as info:
+        model.prepare(GenerationRequest(prompt="hi", params=SamplingParams(max_tokens=9000)))
+    assert info.value.param == "max_tokens"
+    near = model.prepare(GenerationRequest(prompt="hi " * 8180))
+    assert near.max_tokens == 8192 - len(near.tokens)
+
+
+def test_greedy_is_the_same_alone_and_batched(model):
+    alone = [run(model, chat(p, temperature=0, max_tokens=24))[0] for p in PROMPTS]
+    results: dict[int, str] = {}
+    steps = model.engine.steps
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+        i, run(model, chat(PROMPTS[i], temperature=0, max_tokens=24))[0])) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(4)] == alone
+    assert model.engine.max_rows >= 2 and model.engine.steps - steps < 4 * 24  # rows really shared steps
+
+
+def test_n_choices_run_as_rows_of_one_batch(model):
+    prepared = model.prepare(chat(PROMPTS[0], temperature=0, max_tokens=12))
+    params = SamplingParams(temperature=0, max_tokens=12)
+    out: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for index, chunk in model.generate_choices([(prepared, params)] * 3, lambda: False):
+        if isinstance(chunk, TextDelta):
+            out[index] = out.get(index, "") + chunk.text
+        elif isinstance(chunk, Finish):
+            finishes[index] = chunk.reason
+    assert set(out) == {0, 1, 2} and len(set(out.values())) == 1 and len(finishes) == 3
+    assert out[0] == run(model, chat(PROMPTS[0], temperature=0, max_tokens=12))[0]
+
+
+def test_a_grammar_is_refused_not_ignored(model):
+    params = SamplingParams(temperature=0, max_tokens=4)
+    if not hasattr(params, "grammar"):
+        pytest.skip("this core has no grammar-constrained sampling")
+    prepared = model.prepare(chat("Say yes.", temperature=0, max_tokens=4))
+    with pytest.raises(InvalidPrompt) as info:
+        model.generate_choices([(prepared, dataclasses.replace(params, grammar='root ::= "yes"'))], lambda: False)
+    assert info.value.param == "response_format" and info.value.code == "grammar_unsupported"
+    assert model.stats() == {"busy_slots": 0, "queued": 0}
+
+
+def test_seed_reproduces_and_differs(model):
+    a = run(model, chat("Tell me a fun fact.", temperature=1.0, seed=1234, max_tokens=16))[0]
+    b = run(model, chat("Tell me a fun fact.", temperature=1.0, seed=1234, max_tokens=16))[0]
+    c = run(model, chat("Tell me a fun fact.", temperature=1.0, seed=99, max_tokens=16))[0]
+    assert a == b and a != c
+    nucleus = run(model, chat("Tell me a fun fact.", temperature=0.7, top_p=0.1, seed=5, max_tokens=8))[0]
+    greedy = run(model, chat("Tell me a fun fact.", temperature=0, max_tokens=8))[0]
+    assert nucleus == greedy  # top_p 0.1 keeps only the most likely token here
+
+
+def test_logit_bias_bans_end_of_turn_and_fixes_the_length(model):
+    text, reason, usage, _, _ = run(model, chat("Say hi.", temperature=0, max_tokens=40, logit_bias=((2, -100.0),)))
+    assert reason == "length" and usage.completion_tokens == 40
+    forced = run(model, chat("Say hi.", temperature=0, max_tokens=3, logit_bias=((28, 100.0),)))[0]
+    assert forced == ",,,"  # token 28 is ","
+
+
+def test_penalties_change_repetition(model):
+    base = dict(temperature=0, max_tokens=48, logit_bias=((2, -100.0),))
+    plain = run(model, chat("Repeat the word cat many times.", **base))[0]
+    penalized = run(model, chat("Repeat the word cat many times.", frequency_penalty=2.0, presence_penalty=1.0,
+                                **base))[0]
+    assert plain != penalized
+    assert penalized.lower().count("cat") < plain.lower().count("cat")
+
+
+def test_logprobs_are_raw_log_softmax_and_sorted(model):
+    text, _, usage, logprobs, _ = run(model, chat("Say hello.", temperature=0, max_tokens=6, logprobs=True,
+                                                  top_logprobs=3))
+    assert len(logprobs) == usage.completion_tokens == 6
+    for item in logprobs:
+        assert item.logprob <= 0 and len(item.top) == 3
+        assert [t.logprob for t in item.top] == sorted((t.logprob for t in item.top), reverse=True)
+        assert item.logprob == pytest.approx(item.top[0].logprob, abs=1e-6)
+        assert bytes(item.bytes).decode("utf-8", errors="replace") == item.token
+    assert b"".join(bytes(i.bytes) for i in logprobs).decode() == text
+    # logit_bias changes the choice, not the reported numbers (llama.cpp reports raw logits too)
+    biased = run(model, chat("Say hello.", temperature=0, max_tokens=1, logprobs=True, top_logprobs=1,
+                             logit_bias=((28, 100.0),)))[3][0]
+    assert biased.token == "," and biased.logprob < biased.top[0].logprob
+
+
+def test_stop_strings_and_streaming_are_consistent(model):
+    base = dict(temperature=0, max_tokens=40)
+    full = run(model, chat("Count from 1 to 10, separated by commas.", **base))[0]
+    assert "3" in full
+    text, reason, usage, _, chunks = run(model, chat("Count from 1 to 10, separated by commas.", stop=("3",), **base))
+    assert reason == "stop" and "3" not in text and full.startswith(text)
+    assert usage.completion_tokens < 20
+
+
+def test_multibyte_text_is_never_split(model):
+    from shimmy_plugins.safetensors_text import IncrementalDecoder
+
+    tok = model.tokenizer
+    sample = "Emoji 🐉🔥, accents é à ü, CJK 漢字 and 한국어."
+    ids = tok.encode(sample, add_special_tokens=False)
+    decoder = IncrementalDecoder(tok)
+    pieces = [decoder.add(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == sample
+    assert all("\ufffd" not in p for p in pieces)
+    assert sum(1 for p in pieces if p) < len(ids)  # some characters span several tokens
+    assert b"".join(model.pieces.bytes(i) for i in ids) == sample.encode()
+    assert model.pieces.bytes(2) == b""  # control tokens print as nothing, as in llama.cpp
+
+
+def test_cancel_ends_with_length_and_frees_the_row(model):
+    seen = []
+
+    def cancelled():
+        return len(seen) >= 3
+
+    prepared = model.prepare(chat("Write a long story.", temperature=0))
+    chunks = []
+    for chunk in model.generate(prepared, SamplingParams(temperature=0, logit_bias=((2, -100.0),)), cancelled):
+        chunks.append(chunk)
+        if isinstance(chunk, TextDelta):
+            seen.append(chunk)
+    assert isinstance(chunks[-2], Finish) and chunks[-2].reason == "length"
+    assert chunks[-1].completion_tokens < 20
+    deadline = time.monotonic() + 10
+    while model.stats()["busy_slots"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert model.stats() == {"busy_slots": 0, "queued": 0}
+
+
+def test_full_queue_and_queue_timeout_are_overloaded(model, safetensors_model_path):
+    from shimmy_plugins.safetensors_model import SafeTensorsModel
+
+    settings = Settings(parallel=1, queue_size=1, queue_timeout=3.0)
+    one_slot = SafeTensorsModel(model.info, model.model, model.tokenizer, model.device, settings,
+                                config=json.loads((safetensors_model_path / "config.json").read_text()),
+                                generation={"eos_token_id": 2})
+    try:
+        long = (one_slot.prepare(chat("Write a long story.")), SamplingParams(temperature=0, logit_bias=((2, -100.0),)))
+        running = one_slot.generate_choices([long], lambda: False)
+        next(running)  # generating: the only slot is taken
+        waiting: dict = {}
+        waiter = threading.Thread(target=lambda: waiting.setdefault("error", _overloaded(one_slot, long)))
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while one_slot.stats()["queued"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(Overloaded) as full:
+            one_slot.generate_choices([long], lambda: False)
+        assert not full.value.timed_out and full.value.retry_after >= 1
+        waiter.join(timeout=10)
+        assert waiting["error"] is not None and waiting["error"].timed_out  # waited 3 s, then 503
+        running.close()
+    finally:
+        one_slot.engine.close()
+
+
+def _overloaded(model, choice):
+    try:
+        model.generate_choices([choice], lambda: False)
+    except Overloaded as exc:
+        return exc
+    return None
+
+
+# ------------------------------------------------------------------ device and dtype
+def test_device_and_dtype_choice():
+    import torch
+
+    from shimmy_plugins.safetensors_model import pick_device, pick_dtype
+
+    cpu = torch.device("cpu")
+    assert pick_device("cpu") == cpu
+    assert pick_dtype("auto", cpu, {"dtype": "bfloat16"}) == torch.float32  # fp32 on the CPU
+    assert pick_dtype("bf16", cpu, {}) == torch.bfloat16 and pick_dtype("float16", cpu, {}) == torch.float16
+    with pytest.raises(BackendUnavailable, match="unknown dtype"):
+        pick_dtype("int3", cpu, {})
+    with pytest.raises(BackendUnavailable, match="unknown device"):
+        pick_device("tpu-please")
+    if torch.cuda.is_available():
+        assert pick_device("auto").type == "cuda"
+        assert pick_dtype("auto", torch.device("cuda"), {"dtype": "float16"}) == torch.float16
+    else:
+        assert pick_device("auto").type in ("cpu", "mps")
+        with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
+            pick_device("cuda")
+
+
+@pytest.mark.skipif(not os.environ.get("SHIMMY_TEST_CUDA"), reason="GPU path: set SHIMMY_TEST_CUDA=1 on a CUDA machine")
+def test_cuda_load_and_generate(safetensors_model_path):
+    loaded = load(safetensors_model_path, device="cuda", parallel=4)
+    try:
+        assert loaded.device.type == "cuda"
+        assert next(loaded.model.parameters()).dtype.is_floating_point
+        text, reason, usage, _, _ = run(loaded, chat("Say hello.", temperature=0, max_tokens=16))
+        assert text and usage.completion_tokens > 0
+    finally:
+        loaded.close()
+
+
+# ------------------------------------------------------------------ small folders made here
+def _tiny_folder(folder: Path, tokenizer_from: Path, *, generation: bool = True) -> Path:
+    """A random 2-layer Llama with SmolLM2's tokenizer, in a single model.safetensors."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    doc = config.to_dict()
+    doc["architectures"] = ["LlamaForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(doc))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_from / name).is_file():
+            shutil.copy(tokenizer_from / name, folder / name)
+    if generation:
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    return folder
+
+
+def test_single_file_checkpoint_without_generation_config(tmp_path, safetensors_model_path):
+    folder = _tiny_folder(tmp_path / "tiny", safetensors_model_path, generation=False)
+    loaded = load(folder, dtype="bfloat16", max_tokens_ceiling=10)
+    try:
+        assert next(loaded.model.parameters()).dtype.is_floating_point
+        assert str(next(loaded.model.parameters()).dtype) == "torch.bfloat16"
+        assert 2 in loaded.eog and loaded.context_length == 512  # eos from config.json; its context
+        text, reason, usage, _, _ = run(loaded, chat("hi", temperature=0, logit_bias=((2, -100.0), (0, -100.0))))
+        assert reason == "length" and usage.completion_tokens == 10  # the ceiling
+    finally:
+        loaded.close()
+
+
+def test_generation_config_lists_every_end_id(tmp_path, safetensors_model_path):
+    loaded = load(_tiny_folder(tmp_path / "tiny", safetensors_model_path))
+    try:
+        assert loaded.eog >= {0, 2}
+    finally:
+        loaded.close()
+
+
+@pytest.mark.parametrize("case", ["auto_map", "pickle_only", "tokenizer_auto_map"])
+def test_unsafe_folders_are_refused_in_discovery_and_at_load(tmp_path, safetensors_model_path, case):
+    from shimmy_plugins.safetensors_backend import SafeTensorsBackend, check_folder
+
+    folder = _tiny_folder(tmp_path / case, safetensors_model_path)
+    config = json.loads((folder / "config.json").read_text())
+    if case == "auto_map":
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "modeling_evil.py").write_text("raise SystemExit('custom code ran')\n")
+        expect = "auto_map"
+    elif case == "pickle_only":
+        (folder / "model.safetensors").unlink()
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+        expect = "pickle"
+    else:
+        doc = json.loads((folder / "tokenizer_config.json").read_text())
+        doc["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+        (folder / "tokenizer_config.json").write_text(json.dumps(doc))
+        expect = "tokenizer_config.json"
+    found = Scanner(max_depth=0).path(folder)
+    if case != "tokenizer_auto_map":  # discovery reads config.json and the weights, not the tokenizer
+        [skip] = [f.result for f in found if f.path == folder]
+        assert isinstance(skip, Skip) and skip.category in (CUSTOM_CODE, UNSUPPORTED)
+    with pytest.raises(ModelLoadError, match=expect):
+        check_folder(folder)
+    fake = dataclasses.replace(info_for(safetensors_model_path), path=str(folder))
+    with pytest.raises(ModelLoadError, match=expect):
+        SafeTensorsBackend().load(fake, Settings(demo=False))
+
+
+def test_load_progress_lines(capsys):
+    from shimmy_plugins.safetensors_model import LoadProgress
+
+    with LoadProgress("big-model (40 GB) on cuda as bfloat16", every=0.05):
+        time.sleep(0.2)
+    err = capsys.readouterr().err
+    assert "shimmy: loading big-model (40 GB) on cuda as bfloat16 ..." in err
+    assert "shimmy: still loading" in err and "shimmy: loaded in" in err
+
+
+# ------------------------------------------------------------------ the sampling chain on made-up logits
+def test_sampler_chain_matches_llama_cpp_semantics():
+    import torch
+
+    from shimmy_plugins.safetensors_engine import _Sampler
+
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    assert _Sampler(SamplingParams(temperature=0), 4).sample(logits) == 1
+    assert _Sampler(SamplingParams(temperature=0, logit_bias=((3, 5.0), (99, 1.0))), 4).sample(logits) == 3
+    penal = _Sampler(SamplingParams(temperature=0, frequency_penalty=0.6, presence_penalty=0.5), 4)
+    penal.accept(1)
+    assert penal.sample(logits) == 2  # 3 - 1*0.6 - 0.5 = 1.9 < 2
+    window = _Sampler(SamplingParams(frequency_penalty=0.1), 1000)
+    for token in range(300):
+        window.accept(token)
+    assert sorted(window.counts) == list(range(44, 300))  # the last 256 generated tokens only
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    x = probs.log()
+
+    def drawn(**params) -> set[int]:
+        return {_Sampler(SamplingParams(seed=seed, **params), 4).sample(x) for seed in range(200)}
+
+    assert drawn() == {0, 1, 2, 3}
+    assert drawn(top_p=0.5) == {0}             # 0.5 already reaches top_p: keep one
+    assert drawn(top_p=0.6) == {0, 1}          # the token that crosses top_p is kept
+    assert drawn(top_k=3) == {0, 1, 2}
+    assert drawn(min_p=0.35) == {0, 1}         # p >= 0.35 * 0.5
+    assert drawn(top_k=3, top_p=0.95, min_p=0.01) == {0, 1, 2}
+    assert drawn(temperature=0.02) == {0}            # p(1) = 1e-11
+    seeded = [_Sampler(SamplingParams(seed=7), 4).sample(x) for _ in range(5)]
+    assert len(set(seeded)) == 1
+    assert math.isclose(float(torch.softmax(x, -1)[0]), 0.5, rel_tol=1e-6)

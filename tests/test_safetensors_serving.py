@@ -1,0 +1,177 @@
+"""The SafeTensors backend in real servers: torch and transformers stay out of
+processes that do not need them, a missing extra is a clear 503, Hugging Face
+cache snapshots load, a vanished client frees its row, and a full queue is a
+503 with Retry-After."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import MODEL_ID, ROOT, SAFETENSORS_MODEL_ID, safetensors_missing
+
+HEAVY = ("torch", "transformers", "safetensors", "accelerate")
+# Print, as the process exits, which heavy modules it imported.
+REPORT_HEAVY = (
+    "import atexit, sys\n"
+    f"atexit.register(lambda: print('heavy modules:', sorted(m for m in {HEAVY!r} if m in sys.modules), flush=True))"
+)
+# As if the safetensors extra were not installed: imports fail, find_spec says None.
+BLOCK_EXTRA = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in HEAVY)
+
+
+def heavy_modules(lines: list[str]) -> list[str]:
+    [line] = [line for line in "".join(lines).splitlines() if line.startswith("heavy modules:")]
+    return json.loads(line.split(":", 1)[1].strip().replace("'", '"'))
+
+
+def test_import_and_help_never_import_torch():
+    code = (
+        "import sys, shimmy_core, shimmy_core.cli, shimmy_core.app\n"
+        "import shimmy_plugins.safetensors_backend\n"
+        "try:\n    shimmy_core.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "try:\n    shimmy_core.cli.main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+        f"print('heavy modules:', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "usage: shimmy" in out.stdout
+    assert heavy_modules([out.stdout]) == []
+
+
+def test_gguf_only_server_never_imports_torch(start_server, smollm2_path):
+    server = start_server(["--model", str(smollm2_path), "--no-demo"], prelude=REPORT_HEAVY)
+    client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=60)
+    assert client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=3).choices
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    assert server.stop() == 0
+    assert heavy_modules(server.lines) == []
+
+
+def test_listing_a_safetensors_folder_does_not_import_torch(start_server, smollm2_path, safetensors_model_path):
+    server = start_server(["--model", str(smollm2_path), "--model", str(safetensors_model_path), "--no-demo"],
+                          prelude=REPORT_HEAVY)
+    models = httpx.get(server.url + "/models", timeout=30).json()["data"]
+    assert {m["id"]: m["format"] for m in models} == {MODEL_ID: "gguf", SAFETENSORS_MODEL_ID: "safetensors"}
+    assert server.stop() == 0
+    assert heavy_modules(server.lines) == []
+
+
+def test_missing_extra_is_a_clear_503_and_gguf_still_works(start_server, smollm2_path, safetensors_model_path):
+    server = start_server(["--model", str(smollm2_path), "--model", str(safetensors_model_path), "--no-demo"],
+                          prelude=BLOCK_EXTRA)
+    client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=60)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model=SAFETENSORS_MODEL_ID, messages=[{"role": "user", "content": "hi"}])
+    assert info.value.status_code == 503
+    assert info.value.body["code"] == "backend_unavailable"
+    assert "pip install 'shimmy-server[safetensors]'" in info.value.body["message"]
+    assert client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=2).choices
+
+
+@pytest.mark.skipif(safetensors_missing() is not None, reason=str(safetensors_missing()))
+def test_hugging_face_cache_snapshot_loads_with_progress(start_server, safetensors_model_path, tmp_path):
+    """A hub cache laid out as huggingface_hub does: snapshot files are links into blobs/."""
+    repo = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    for number, source in enumerate(sorted(safetensors_model_path.iterdir())):
+        blob = repo / "blobs" / f"{number:040x}"
+        blob.symlink_to(source)
+        (snapshot / source.name).symlink_to(os.path.relpath(blob, snapshot))
+    server = start_server(["--no-demo"], HF_HUB_CACHE=str(tmp_path / "hub"))
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    listed = {m["id"]: m for m in httpx.get(server.url + "/models", timeout=30).json()["data"]}
+    assert listed[name]["format"] == "safetensors" and listed[name]["owned_by"] == "HuggingFaceTB"
+    client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=120)
+    r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Say hello."}],
+                                       max_tokens=8, temperature=0)
+    assert r.choices[0].message.content and r.usage.completion_tokens > 0
+    server.stop()
+    output = "".join(server.lines)
+    assert f"shimmy: loading {name} (" in output and "on cpu as float32" in output
+    assert "shimmy: loaded in" in output
+
+
+# ------------------------------------------------------------------ disconnects and the queue
+def open_stream(server, model: str) -> socket.socket:
+    """A raw streaming request that would run for 4000 tokens; returns once tokens flow."""
+    body = json.dumps({
+        "model": model, "stream": True, "max_tokens": 4000, "temperature": 0,
+        "messages": [{"role": "user", "content": "Write a very long story."}], "logit_bias": {"2": -100},
+    }).encode()
+    host, port = server.base.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    received = b""
+    while received.count(b"data: ") < 3:
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    return sock
+
+
+def model_stats(server) -> dict:
+    [stats] = httpx.get(server.base + "/health", timeout=10).json()["models"]
+    return stats
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(safetensors_missing() is not None, reason=str(safetensors_missing()))
+def test_disconnected_client_stops_its_generation(safetensors_server):
+    sock = open_stream(safetensors_server, SAFETENSORS_MODEL_ID)
+    assert model_stats(safetensors_server)["busy_slots"] == 1
+    sock.close()
+    assert wait_for(lambda: model_stats(safetensors_server)["busy_slots"] == 0)
+
+
+@pytest.mark.skipif(safetensors_missing() is not None, reason=str(safetensors_missing()))
+def test_full_queue_and_queue_timeout_are_503(start_server, safetensors_model_path, validate):
+    server = start_server(["--model", str(safetensors_model_path), "--no-demo"],
+                          SHIMMY_PARALLEL="1", SHIMMY_QUEUE_SIZE="1", SHIMMY_QUEUE_TIMEOUT="5")
+    hi = {"model": SAFETENSORS_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    running = open_stream(server, SAFETENSORS_MODEL_ID)
+    try:
+        waited: dict = {}
+        waiter = threading.Thread(target=lambda: waited.setdefault(
+            "r", httpx.post(server.url + "/chat/completions", json={**hi, "stream": True}, timeout=30)))
+        waiter.start()
+        assert wait_for(lambda: model_stats(server)["queued"] == 1)
+        full = httpx.post(server.url + "/chat/completions", json=hi, timeout=30)
+        assert full.status_code == 503 and full.json()["error"]["code"] == "server_overloaded"
+        assert int(full.headers["retry-after"]) >= 1
+        validate(full.json(), "ErrorResponse")
+        waiter.join(timeout=30)
+        timed_out = waited["r"]  # a stream too: refused before any byte of it was sent
+        assert timed_out.status_code == 503 and timed_out.json()["error"]["code"] == "queue_timeout"
+        assert "retry-after" in timed_out.headers
+    finally:
+        running.close()
+    client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=60)
+    assert wait_for(lambda: model_stats(server)["busy_slots"] == 0)
+    assert client.chat.completions.create(**hi).choices  # the slot is free again
+
