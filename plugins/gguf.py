@@ -125,6 +125,14 @@ class GGUFModel:
             default_system=hints.get("system"),
         )
 
+    @property
+    def renders_tools(self) -> bool:
+        """Tools go through the model's own template when it knows them (Qwen, Llama 3.1...);
+        for other templates the core writes them as a generic instruction."""
+        from shimmy_core.tools.prompting import template_supports_tools
+
+        return template_supports_tools(self.prompts.template)
+
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         return self.prompts.prepare(request)
 
