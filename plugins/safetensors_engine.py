@@ -175,9 +175,9 @@ def default_threads() -> int:
     """torch threads when ``--threads`` is not given: half the logical cores, as the GGUF backend.
 
     Measured on 2 cores (SmolLM2-135M, fp32, docs/performance.md): on an idle machine 2 threads
-    decode faster (25.6 tok/s through HTTP against 16.1 with 1), but when anything else wants the
+    decode faster (25.9 tok/s through HTTP against 17.0 with 1), but when anything else wants the
     cores (the HTTP client, another process) OpenMP's busy-waiting threads collapse to about
-    1 tok/s, while 1 thread keeps 11 to 15."""
+    1 tok/s, while 1 thread keeps 11 to 16."""
     return max(1, (os.cpu_count() or 1) // 2)
 
 

@@ -91,10 +91,15 @@ def safetensors_missing() -> str | None:
 
 def cached_safetensors_model(gguf: Path) -> Path:
     """The SafeTensors folder made from ``gguf``, built once (about 20 s) and cached under a key of the
-    recipe, the transformers version and the GGUF file; a cache miss just rebuilds."""
-    st = gguf.stat()
+    recipe, the transformers version and the GGUF file's size and content; a cache miss just rebuilds."""
+    size = gguf.stat().st_size
+    with open(gguf, "rb") as f:  # content, not mtime: a fresh install of the same file hits the cache
+        head = f.read(1 << 20)
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+    fingerprint = hashlib.sha256(head + tail).hexdigest()
     key = hashlib.sha256(json.dumps([SAFETENSORS_RECIPE, importlib.metadata.version("transformers"),
-                                     gguf.name, st.st_size, st.st_mtime_ns]).encode()).hexdigest()[:16]
+                                     gguf.name, size, fingerprint]).encode()).hexdigest()[:16]
     root = safetensors_cache_root()
     folder = root / f"smollm2-{key}" / SAFETENSORS_MODEL_ID
     if (folder / "generation_config.json").is_file():
