@@ -23,9 +23,11 @@ from shimmy_core.service import CompletionService
 from shimmy_core.settings import Settings
 
 
-def model_object(info: ModelInfo) -> dict:
-    """An OpenAI Model object plus Shimmy's extra metadata fields."""
-    body = {"id": info.id, "object": "model", "created": info.created, "owned_by": info.owned_by}
+def model_object(info: ModelInfo, unavailable: str | None = None) -> dict:
+    """An OpenAI Model object plus Shimmy's extra metadata fields; ``available`` is false
+    (with the reason, e.g. the pip command to run) when no usable backend can serve it."""
+    body = {"id": info.id, "object": "model", "created": info.created, "owned_by": info.owned_by,
+            "available": unavailable is None, "unavailable_reason": unavailable}
     body.update(
         {
             "context_window": info.context_length,
@@ -76,17 +78,21 @@ class MetricsResource:
 
 
 class ModelsResource:
-    def __init__(self, catalog: ModelCatalog):
+    def __init__(self, catalog: ModelCatalog, manager: ModelManager):
         self.catalog = catalog
+        self.manager = manager
+
+    def _object(self, info: ModelInfo) -> dict:
+        return model_object(info, self.manager.unavailable_reason(info))
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = {"object": "list", "data": [model_object(m) for m in self.catalog.list()]}
+        resp.media = {"object": "list", "data": [self._object(m) for m in self.catalog.list()]}
 
     def on_get_one(self, req: falcon.Request, resp: falcon.Response, model_id: str) -> None:
         info = self.catalog.get(model_id)
         if info is None:
             raise model_not_found(model_id)
-        resp.media = model_object(info)
+        resp.media = self._object(info)
 
 
 def prompt_text(parsed: ParsedRequest) -> list:

@@ -87,7 +87,7 @@ def create_app(shimmy: Shimmy) -> falcon.App:
     app.req_options.strip_url_path_trailing_slash = True
     add_error_handlers(app)
     service = CompletionService(shimmy.catalog, shimmy.manager, settings, shimmy.tools)
-    models = ModelsResource(shimmy.catalog)
+    models = ModelsResource(shimmy.catalog, shimmy.manager)
     app.add_route("/health", HealthResource(shimmy.manager, shimmy.lifecycle))
     app.add_route("/metrics", MetricsResource(shimmy.metrics))
     app.add_route("/v1/models", models)

@@ -330,6 +330,13 @@ class ModelManager:
             raise BackendUnavailable(f"no backend can serve {info.format} models (model {info.id!r})")
         return self._registry.backends[name]
 
+    def unavailable_reason(self, info: ModelInfo) -> str | None:
+        """Why ``info`` cannot be served here (no backend, or its extra is missing), else None."""
+        try:
+            return self.backend_for(info).unavailable_reason()
+        except BackendUnavailable as exc:
+            return str(exc)
+
     def get(self, info: ModelInfo) -> LoadedModel:
         key = info.path
         with self._guard:

@@ -1005,3 +1005,17 @@ def test_configuration_doc_lists_every_flag_and_variable():
         assert f"SHIMMY_{f.name.upper()}" in doc, f"docs/configuration.md does not document SHIMMY_{f.name.upper()}"
     for var in ("SHIMMY_MODEL_PATHS", *PLUGIN_ENV):
         assert var in doc, var
+
+
+def test_models_say_whether_they_can_be_served(make_api, monkeypatch):
+    """A model whose backend cannot run here (its extra is missing) is listed as unavailable,
+    with the reason that names the fix; a request for it gets a 503 with that reason."""
+    api = make_api()
+    listed = api.client.simulate_get("/v1/models").json["data"][0]
+    assert listed["available"] is True and listed["unavailable_reason"] is None
+    monkeypatch.setattr(FakeBackend, "unavailable_reason", lambda self: "pip install 'fake-extra'")
+    listed = api.client.simulate_get("/v1/models").json["data"][0]
+    assert listed["available"] is False and listed["unavailable_reason"] == "pip install 'fake-extra'"
+    api.validate(listed, "Model")
+    r = api.chat()
+    assert r.status_code == 503 and "pip install 'fake-extra'" in r.json["error"]["message"]
