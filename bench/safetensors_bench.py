@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,25 +39,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import free_port, rss_mb  # noqa: E402
 from shimmy_plugins.local_files import demo_model_path  # noqa: E402
 from tests.conftest import SAFETENSORS_MODEL_ID, cached_safetensors_model  # noqa: E402
 
 EOS_ID = 2
 TOPICS = ["a lighthouse keeper", "a lost robot", "the first rain on Mars", "a baker's secret",
           "a dragon who cannot fly", "an old map", "a talking cat", "the last train home"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def stream_once(client, model_id: str, topic: str, tokens: int) -> tuple[float, float, float, int]:
