@@ -11,6 +11,7 @@ import os
 from typing import Callable, Iterator, Sequence
 
 from shimmy_core.backend import (
+    ChoicesModel,
     Chunk,
     GenerationRequest,
     InvalidPrompt,
@@ -89,7 +90,7 @@ class GGUFBackend:
                          hints=model.extra)
 
 
-class GGUFModel:
+class GGUFModel(ChoicesModel):
     """A loaded llama.cpp model: its chat template, its tokenizer and the engine that runs it."""
 
     def __init__(self, lmodel, ctx, engine: Engine, context_length: int, max_tokens_ceiling: int,
@@ -146,11 +147,6 @@ class GGUFModel:
                 raise InvalidPrompt("The output grammar could not be parsed by llama.cpp.", param="response_format",
                                     code="invalid_grammar")
         return self.engine.submit(choices, cancelled)
-
-    def generate(
-        self, prepared: PreparedPrompt, params: SamplingParams, cancelled: Callable[[], bool]
-    ) -> Iterator[Chunk]:
-        return (chunk for _, chunk in self.generate_choices([(prepared, params)], cancelled))
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()

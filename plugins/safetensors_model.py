@@ -26,6 +26,7 @@ import torch
 
 from shimmy_core.backend import (
     BackendUnavailable,
+    ChoicesModel,
     Chunk,
     Finish,
     GenerationRequest,
@@ -208,7 +209,7 @@ def _ids(value: Any) -> set[int]:
 
 
 # ------------------------------------------------------------------ the loaded model
-class SafeTensorsModel:
+class SafeTensorsModel(ChoicesModel):
     """A loaded transformers model with its tokenizer, chat template, stops and batching engine."""
 
     def __init__(self, info, model, tokenizer, device: torch.device, settings, *, config: dict, generation: dict):
@@ -349,11 +350,6 @@ class SafeTensorsModel:
                     jobs[index].stopped.set()
         finally:
             ticket.cancel()
-
-    def generate(
-        self, prepared: PreparedPrompt, params: SamplingParams, cancelled: Callable[[], bool]
-    ) -> Iterator[Chunk]:
-        return (chunk for _, chunk in self.generate_choices([(prepared, params)], cancelled))
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()

@@ -209,3 +209,12 @@ class Backend(Protocol):
 
     def load(self, model: "ModelInfo", settings: "Settings") -> LoadedModel:
         """Load ``model``; raise :class:`ModelLoadError` or :class:`BackendUnavailable`."""
+
+
+class ChoicesModel:
+    """Base for loaded models that implement ``generate_choices``: ``generate`` is one choice of it."""
+
+    def generate(
+        self, prepared: PreparedPrompt, params: SamplingParams, cancelled: Callable[[], bool]
+    ) -> Iterator[Chunk]:
+        return (chunk for _, chunk in self.generate_choices([(prepared, params)], cancelled))
