@@ -248,3 +248,34 @@ def validate(openai_spec):
     from tests.openapi_schema import SchemaChecker
 
     return SchemaChecker(openai_spec).validate
+
+
+def open_stream(server, model: str = MODEL_ID) -> "socket.socket":
+    """A raw streaming request that would run for 4000 tokens (end of turn banned); returns the
+    socket once tokens flow.  It bypasses the response cache and sends a real Host."""
+    import socket
+
+    body = json.dumps({
+        "model": model, "stream": True, "max_tokens": 4000, "temperature": 0,
+        "messages": [{"role": "user", "content": "Write a very long story."}], "logit_bias": {"2": -100},
+    }).encode()
+    host, port = server.base.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Cache-Control: no-cache\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    received = b""
+    while received.count(b"data: ") < 3:
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    return sock
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` passes (False): a hang guard."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

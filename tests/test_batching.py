@@ -5,15 +5,13 @@ refuse with 503 when the queue is full."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import socket
 import threading
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL_ID
+from tests.conftest import MODEL_ID, open_stream
 
 PROMPTS = ["Name three colors.", "Write a haiku about rain.", "What is the capital of Italy?",
            "Give me a tip for sleeping well."]
@@ -78,25 +76,6 @@ def test_prefix_reuse_shows_in_cached_tokens(client):
 
 
 # ------------------------------------------------------------------ one slot, a tiny queue
-def open_stream(server, max_tokens: int = 4000) -> socket.socket:
-    """A raw streaming request that never ends by itself; returns once tokens flow."""
-    body = json.dumps({
-        "model": MODEL_ID, "stream": True, "max_tokens": max_tokens, "temperature": 0,
-        "messages": [{"role": "user", "content": "Write a very long story."}], "logit_bias": {"2": -100},
-    }).encode()
-    host, port = server.base.removeprefix("http://").rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                 b"Cache-Control: no-cache\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    received = b""
-    while received.count(b"data: ") < 3:
-        chunk = sock.recv(65536)
-        assert chunk, received
-        received += chunk
-    return sock
-
-
 def queued_count(server) -> int:
     return sum(m.get("queued", 0) for m in httpx.get(server.base + "/health", timeout=5).json()["models"])
 

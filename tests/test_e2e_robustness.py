@@ -3,14 +3,12 @@ files, and clients that vanish mid-stream."""
 
 from __future__ import annotations
 
-import json
-import socket
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL_ID
+from tests.conftest import MODEL_ID, open_stream
 from tests.gguf_surgery import copy_with_metadata
 
 CVE_2024_34359 = (
@@ -50,28 +48,9 @@ def test_hostile_templates_get_an_openai_error_and_the_server_stays_responsive(h
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
-def _start_long_stream(server) -> socket.socket:
-    body = json.dumps({
-        "model": MODEL_ID, "stream": True, "max_tokens": 4000, "temperature": 0,
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-        "logit_bias": {"2": -100},  # never end of turn: only the disconnect can stop it early
-    }).encode()
-    host, port = server.base.removeprefix("http://").rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-        b"Cache-Control: no-cache\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body) + body
-    )
-    received = b""
-    while received.count(b"data: ") < 5:
-        received += sock.recv(65536)
-    return sock
-
-
 def test_a_client_that_disconnects_stops_its_generation(server):
     """4000 tokens take about a minute here; once the client is gone, the model is free at once."""
-    sock = _start_long_stream(server)
+    sock = open_stream(server)
     sock.close()
     # Had the abandoned generation run on, this request would wait for it past the client's timeout.
     client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=30)

@@ -14,22 +14,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MODEL_ID
+from tests.conftest import MODEL_ID, wait_for
 
 LONG = {  # runs for minutes: only a disconnect or the shutdown ends it
     "model": MODEL_ID, "stream": True, "max_tokens": 4000, "temperature": 0,
     "messages": [{"role": "user", "content": "Write a very long story."}], "logit_bias": {"2": -100},
 }
 HI = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def health(server) -> httpx.Response:

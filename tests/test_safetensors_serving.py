@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL_ID, ROOT, SAFETENSORS_MODEL_ID, safetensors_missing
+from tests.conftest import MODEL_ID, ROOT, SAFETENSORS_MODEL_ID, open_stream, safetensors_missing, wait_for
 
 HEAVY = ("torch", "transformers", "safetensors", "accelerate")
 # Print, as the process exits, which heavy modules it imported.
@@ -109,36 +107,9 @@ def test_hugging_face_cache_snapshot_loads_with_progress(start_server, safetenso
 
 
 # ------------------------------------------------------------------ disconnects and the queue
-def open_stream(server, model: str) -> socket.socket:
-    """A raw streaming request that would run for 4000 tokens; returns once tokens flow."""
-    body = json.dumps({
-        "model": model, "stream": True, "max_tokens": 4000, "temperature": 0,
-        "messages": [{"role": "user", "content": "Write a very long story."}], "logit_bias": {"2": -100},
-    }).encode()
-    host, port = server.base.removeprefix("http://").rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    received = b""
-    while received.count(b"data: ") < 3:
-        chunk = sock.recv(65536)
-        assert chunk, received
-        received += chunk
-    return sock
-
-
 def model_stats(server) -> dict:
     [stats] = httpx.get(server.base + "/health", timeout=10).json()["models"]
     return stats
-
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.skipif(safetensors_missing() is not None, reason=str(safetensors_missing()))
