@@ -199,14 +199,17 @@ class _Pattern:
     """A regular expression (Python syntax, the ECMA subset JSON Schema uses) as GBNF over the
     JSON-escaped text of a string."""
 
+    # \d \w \s generate only what both Python's and ECMA-262's classes match (ASCII digits,
+    # letters, whitespace); \D \W \S and negated classes holding one generate only ASCII
+    # characters that neither matches (é is a word character to Python, \x1c a space).
     _CATEGORIES = {
-        "CATEGORY_DIGIT": ([("0", "9")], False),
-        "CATEGORY_NOT_DIGIT": ([("0", "9")], True),
-        "CATEGORY_WORD": ([("a", "z"), ("A", "Z"), ("0", "9"), ("_", "_")], False),
-        "CATEGORY_NOT_WORD": ([("a", "z"), ("A", "Z"), ("0", "9"), ("_", "_")], True),
-        "CATEGORY_SPACE": ([(" ", " "), ("\t", "\r")], False),
-        "CATEGORY_NOT_SPACE": ([(" ", " "), ("\t", "\r")], True),
+        "CATEGORY_DIGIT": ("digit", False), "CATEGORY_NOT_DIGIT": ("digit", True),
+        "CATEGORY_WORD": ("word", False), "CATEGORY_NOT_WORD": ("word", True),
+        "CATEGORY_SPACE": ("space", False), "CATEGORY_NOT_SPACE": ("space", True),
     }
+    _GENERATE = {"digit": [("0", "9")], "word": [("a", "z"), ("A", "Z"), ("0", "9"), ("_", "_")],
+                 "space": [(" ", " "), ("\t", "\r")]}
+    _COVERS = {**_GENERATE, "space": [(" ", " "), ("\t", "\r"), ("\x1c", "\x1f")]}
     _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
 
     def __init__(self, pattern: str, path: str):
@@ -254,8 +257,8 @@ class _Pattern:
             start, end = ord(lo), ord(hi)
             pieces = [(start, end)]
             for bad in [*range(0x20), 0x22, 0x5C, 0x7F]:
-                pieces = [p for s, e in pieces for p in ((s, bad - 1), (bad + 1, e)) if p[0] <= p[1]] \
-                    if any(s <= bad <= e for s, e in pieces) else pieces
+                pieces = [p for s, e in pieces
+                          for p in (((s, bad - 1), (bad + 1, e)) if s <= bad <= e else ((s, e),)) if p[0] <= p[1]]
             cut += pieces
         if not cut:
             return ""
@@ -263,8 +266,22 @@ class _Pattern:
             _class_char(chr(s)) if s == e else f"{_class_char(chr(s))}-{_class_char(chr(e))}" for s, e in cut
         ) + "]"
 
+    @staticmethod
+    def _ascii_outside(ranges: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The ASCII characters outside ``ranges``, as ranges."""
+        out: list[tuple[str, str]] = []
+        for c in range(0x80):
+            if any(lo <= chr(c) <= hi for lo, hi in ranges):
+                continue
+            if out and ord(out[-1][1]) == c - 1:
+                out[-1] = (out[-1][0], chr(c))
+            else:
+                out.append((chr(c), chr(c)))
+        return out
+
     def _in(self, items) -> str:
         ranges: list[tuple[str, str]] = []
+        covers: list[tuple[str, str]] = []  # what the class escapes inside may match, in either dialect
         negate = False
         for op, av in items:
             name = str(op)
@@ -275,16 +292,19 @@ class _Pattern:
             elif name == "RANGE":
                 ranges.append((chr(av[0]), chr(av[1])))
             elif name == "CATEGORY":
-                cat_ranges, cat_negated = self._CATEGORIES.get(str(av), (None, None))
-                if cat_ranges is None:
+                kind, cat_negated = self._CATEGORIES.get(str(av), (None, None))
+                if kind is None:
                     raise self._fail(f"the class {av}")
                 if cat_negated:
                     if len(items) > 1:
                         raise self._fail("a negated class escape inside [...]")
-                    return self._charset(cat_ranges, not negate)
-                ranges += cat_ranges
+                    return self._charset(self._ascii_outside(self._COVERS[kind]), False)
+                ranges += self._GENERATE[kind]
+                covers += self._COVERS[kind]
             else:
                 raise self._fail(f"{name} inside [...]")
+        if negate and covers:
+            return self._charset(self._ascii_outside(ranges + covers), False)
         return self._charset(ranges, negate)
 
     def sequence(self, tree, top: bool = False) -> str:
