@@ -6,7 +6,9 @@ token of every generating sequence, then a chunk of any prompt still being
 prefilled.  A new request joins the running batch at the next step; a finished
 or cancelled sequence frees its slot at once.  A slot keeps the tokens it last
 held in the KV cache, so a prompt sharing a prefix with them (the earlier turns
-of a chat) reuses those cells instead of processing them again.
+of a chat) reuses those cells instead of processing them again.  The slots share
+one KV buffer, so a slot can also take a longer prefix (a system prompt) from
+any other slot, busy or not.
 
 Request threads never touch llama.cpp here: they submit jobs and read their
 chunks from a bounded buffer.  The engine never waits on a slow reader: a job
@@ -132,6 +134,7 @@ class Slot:
     seq: int
     tokens: list[int] = field(default_factory=list)   # what this sequence holds in the KV cache
     job: Job | None = None
+    used: int = 0                                      # when it was last given a job (for LRU)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -159,6 +162,7 @@ class Engine:
         self._queue_size = queue_size
         self._queue_timeout = queue_timeout
         self._slots = [Slot(seq) for seq in range(n_slots)]
+        self._admitted = 0
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -276,18 +280,42 @@ class Engine:
             if not free:
                 break
             self._waiting.popleft()
-            tokens = job.prepared.tokens
-            slot = max(free, key=lambda s: _common_prefix(s.tokens, tokens))
-            keep = min(_common_prefix(slot.tokens, tokens), len(tokens) - 1)
-            self._llama.llama_memory_seq_rm(self._memory, slot.seq, keep, -1)
-            del slot.tokens[keep:]
-            slot.job, job.slot = job, slot
+            slot, keep = self._place(job.prepared.tokens, free)
+            self._admitted += 1
+            slot.job, job.slot, slot.used = job, slot, self._admitted
             job.fed = job.cached = keep
             job.sampler = self._sampler(job.params)
             job.scanner = StopScanner(job.prepared.stop)
             job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             job.sink.admitted.set()
         return dropped
+
+    def _place(self, tokens: Sequence[int], free: list[Slot]) -> tuple[Slot, int]:
+        """Pick a free slot for ``tokens`` and make its KV cells hold the longest prefix of
+        them that any slot has; return the slot and how many prompt tokens it now holds.
+
+        The free slot that already shares the most with the prompt wins, the least recently
+        used one on a tie (it is the least likely to be asked to continue).  When another
+        slot shares a longer prefix, its cells are shared into the chosen one."""
+        slot = max(free, key=lambda s: (_common_prefix(s.tokens, tokens), -s.used))
+        own = _common_prefix(slot.tokens, tokens)
+        donor = max((s for s in self._slots if s is not slot), default=None,
+                    key=lambda s: _common_prefix(s.tokens, tokens))
+        shared = _common_prefix(donor.tokens, tokens) if donor is not None else 0
+        last = len(tokens) - 1  # the last prompt token is always decoded: its logits start the answer
+        if shared > own:
+            keep = min(shared, last)
+            # Each slot has its own KV stream (so a sequence's numerics never depend on the
+            # others); llama.cpp copies between streams only whole, so copy, then cut.
+            self._llama.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+            self._llama.llama_memory_seq_cp(self._memory, donor.seq, slot.seq, -1, -1)
+            self._llama.llama_memory_seq_rm(self._memory, slot.seq, keep, -1)
+            slot.tokens[:] = donor.tokens[:keep]
+            return slot, keep
+        keep = min(own, last)
+        self._llama.llama_memory_seq_rm(self._memory, slot.seq, keep, -1)
+        del slot.tokens[keep:]
+        return slot, keep
 
     def _release(self, job: Job) -> None:
         slot = job.slot

@@ -250,14 +250,14 @@ def validate(openai_spec):
     return SchemaChecker(openai_spec).validate
 
 
-def open_stream(server, model: str = MODEL_ID) -> "socket.socket":
+def open_stream(server, model: str = MODEL_ID, messages: list | None = None) -> "socket.socket":
     """A raw streaming request that would run for 4000 tokens (end of turn banned); returns the
     socket once tokens flow.  It bypasses the response cache and sends a real Host."""
     import socket
 
     body = json.dumps({
         "model": model, "stream": True, "max_tokens": 4000, "temperature": 0,
-        "messages": [{"role": "user", "content": "Write a very long story."}], "logit_bias": {"2": -100},
+        "messages": messages or [{"role": "user", "content": "Write a very long story."}], "logit_bias": {"2": -100},
     }).encode()
     host, port = server.base.removeprefix("http://").rsplit(":", 1)
     sock = socket.create_connection((host, int(port)))

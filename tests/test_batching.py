@@ -75,6 +75,25 @@ def test_prefix_reuse_shows_in_cached_tokens(client):
     assert cached < second.usage.prompt_tokens
 
 
+def test_a_new_slot_takes_the_prefix_of_a_busy_one(client, server):
+    system = {"role": "system", "content": "You are the test assistant of Shimmy. Answer briefly and kindly. " * 4}
+    question = [system, {"role": "user", "content": "Name a fruit."}]
+
+    def ask():
+        return client.chat.completions.create(model=MODEL_ID, messages=question, max_tokens=16, temperature=0,
+                                              extra_headers=NO_CACHE)
+
+    alone = ask()  # computed from scratch: no slot holds this system prompt yet
+    # A long stream with the same system prompt takes the slot that holds it...
+    sock = open_stream(server, messages=[system, {"role": "user", "content": "Write a very long story."}])
+    try:
+        shared = ask()  # ...so this one gets a fresh slot and the prefix from the busy one
+    finally:
+        sock.close()
+    assert shared.choices[0].message.content == alone.choices[0].message.content
+    assert shared.usage.prompt_tokens_details.cached_tokens >= alone.usage.prompt_tokens - 12, shared.usage
+
+
 # ------------------------------------------------------------------ one slot, a tiny queue
 def queued_count(server) -> int:
     return sum(m.get("queued", 0) for m in httpx.get(server.base + "/health", timeout=5).json()["models"])
