@@ -3,14 +3,16 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# llama-cpp-python compiles llama.cpp for this CPU (-march=native), with its AMX kernels
-# where the CPU has AMX. GCC 12's _tile_loadconfig tells the compiler that it reads 8 of
-# the tile configuration's 64 bytes, so the optimizer drops the other stores and every
-# batch of 2+ tokens faults in ldtilecfg. Keeping dead stores and aggregates fixes that
-# build (prompts then run ~3.5x faster than without AMX; docs/performance.md).
-ifneq ($(shell grep -m1 -ow amx_int8 /proc/cpuinfo 2>/dev/null),)
-export CFLAGS += -fno-tree-dse -fno-dse -fno-tree-sra
-export CXXFLAGS += -fno-tree-dse -fno-dse -fno-tree-sra
+# llama-cpp-python compiles llama.cpp for this CPU (-march=native). x86 builds leave out its
+# AMX kernels: (1) GCC 12 miscompiles them (its _tile_loadconfig declares an 8-byte read of
+# the 64-byte tile configuration, the optimizer drops the other stores, and every batch of
+# 2+ tokens faults in ldtilecfg); (2) built right (-fno-tree-dse -fno-dse -fno-tree-sra)
+# they are fast but give results that depend on how tokens were batched, so the same
+# prompt answers differently alone, batched or from the prefix cache. docs/performance.md
+# has the figures and the command to build with AMX anyway.
+ifeq ($(shell uname -m),x86_64)
+export CFLAGS += -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+export CXXFLAGS += -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 # The SafeTensors backend needs torch: installed first and pinned, so that resolving the
