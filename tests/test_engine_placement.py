@@ -1,0 +1,78 @@
+"""Which slot a new GGUF request gets and what its KV cells start with: the placement rule
+of plugins/gguf_engine.py as a unit, over a recorder instead of llama.cpp.  That the
+copied cells give the same text is proven on the real model in test_batching.py."""
+
+from __future__ import annotations
+
+from shimmy_plugins.gguf_engine import Engine, Job, Slot
+
+
+class Recorder:
+    """Stands in for the three llama.cpp memory calls the placement makes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def llama_memory_seq_rm(self, memory, seq, p0, p1):
+        self.calls.append(("rm", seq, p0, p1))
+
+    def llama_memory_seq_cp(self, memory, src, dst, p0, p1):
+        self.calls.append(("cp", src, dst, p0, p1))
+
+
+def engine(slots: list[list[int]], busy: set[int] = frozenset(), n_ctx_seq: int = 8192) -> Engine:
+    e = object.__new__(Engine)  # no llama.cpp context: only the placement state
+    e._llama, e._memory, e._n_ctx_seq = Recorder(), None, n_ctx_seq
+    e._slots = [Slot(i, list(tokens)) for i, tokens in enumerate(slots)]
+    for i in busy:
+        e._slots[i].job = object.__new__(Job)
+    return e
+
+
+def place(e: Engine, prompt: list[int]) -> tuple[int, int]:
+    slot, keep = e._place(prompt, [s for s in e._slots if s.job is None])
+    return slot.seq, keep
+
+
+SYSTEM = list(range(100, 140))  # a 40-token system prompt
+
+
+def test_the_lowest_free_slot_when_none_holds_more():
+    e = engine([[], [], [], []], busy={0})
+    assert place(e, [1, 2, 3]) == (1, 0)
+    assert e._llama.calls == [("rm", 1, 0, -1)]
+
+
+def test_a_slot_holding_the_prompt_wins_over_a_lower_one():
+    e = engine([[7, 7], [], SYSTEM + [1, 2], []])
+    assert place(e, SYSTEM + [1, 2, 3]) == (2, 42)
+    assert e._slots[2].tokens == SYSTEM + [1, 2]
+
+
+def test_a_few_tokens_more_elsewhere_do_not_beat_the_low_end():
+    # 16 cells per token of copy at 8192 cells: a 3-token gain is not worth moving up
+    e = engine([SYSTEM[:37], [], SYSTEM, []])
+    assert place(e, SYSTEM + [5]) == (0, 37)
+
+
+def test_a_busy_slots_prefix_is_copied_into_the_lowest_free_one():
+    e = engine([SYSTEM + [9, 9, 9], [4, 4], [], []], busy={0})
+    assert place(e, SYSTEM + [1, 2]) == (1, 40)
+    assert e._llama.calls == [("rm", 1, -1, -1), ("cp", 0, 1, -1, -1), ("rm", 1, 40, -1)]
+    assert e._slots[1].tokens == SYSTEM
+    assert e._slots[0].tokens == SYSTEM + [9, 9, 9]  # the donor keeps what it has
+
+
+def test_no_copy_when_it_costs_more_than_it_saves():
+    e = engine([SYSTEM[:10], [], []], busy={0})
+    assert place(e, SYSTEM[:10] + [1]) == (1, 0)  # 10 tokens < 16 at 8192 cells per slot
+    e = engine([SYSTEM[:10], [], []], busy={0}, n_ctx_seq=1024)
+    assert place(e, SYSTEM[:10] + [1]) == (1, 10)  # worth it with small slots
+
+
+def test_the_last_prompt_token_is_always_decoded():
+    e = engine([SYSTEM, [], []], busy={0})
+    assert place(e, SYSTEM) == (1, 39)
+    e = engine([SYSTEM, []])
+    assert place(e, SYSTEM) == (0, 39)
+    assert e._llama.calls == [("rm", 0, 39, -1)] and e._slots[0].tokens == SYSTEM[:39]
