@@ -10,9 +10,13 @@ SmolLM2's end-of-turn token):
   - Shimmy through HTTP with the openai SDK: 1, 2, 4, 8 and 16 concurrent
     streams (server started with --parallel 16): aggregate tokens/s, time to
     first token p50/p95, and whether every stream got all its tokens;
+  - with --llama-server PATH, the same streams against llama.cpp's C++ server
+    with the same slots, context, threads and attention settings;
   - 64 clients against 4 slots and a queue of 16: every admitted stream must
     complete, the others get 503 with Retry-After, and the server answers
     normally afterwards.
+Each server first answers one request and one round on fresh slots (reported:
+the time to first token when no slot holds the prompt's prefix yet).
 Prints Markdown tables for docs/performance.md.
 """
 
