@@ -44,6 +44,7 @@ PENALTY_LAST_N = 256
 STREAM_BUFFER = 64             # chunks a job may have waiting for its reader before it pauses
 PREFILL_CHUNK_WHILE_DECODING = 128  # prompt tokens per step while other sequences generate
 _IDLE_WAIT_S = 0.05
+KEEP_HISTORY = 128             # cached tokens a new prompt would throw away that are worth a slot
 
 
 @dataclass(eq=False)
@@ -292,19 +293,27 @@ class Engine:
         """Pick a free slot for ``tokens`` and make its KV cells hold the longest prefix of
         them that any slot has; return the slot and how many prompt tokens it now holds.
 
-        Low slots win: llama.cpp attends over the whole range of KV streams a batch touches,
-        so sequences spread over slots 0 and 15 cost as much attention as sixteen (measured:
-        4 streams fell from 2.6x to 1.4x the single-stream rate).  A slot that already holds
-        nearly the longest prefix takes the prompt as it is; otherwise the lowest free slot
-        gets that prefix copied from the slot that has it.  llama.cpp copies between streams
-        only whole (about 3.5 ms per 1024 cells of a slot here, i.e. about one prompt token
-        per 512 cells), so a copy must save at least that many tokens."""
+        A slot that already holds nearly the longest prefix takes the prompt as it is;
+        otherwise a free slot gets that prefix copied from the slot that has it.  llama.cpp
+        copies between streams only whole (about 3.5 ms per 1024 cells of a slot here, i.e.
+        about one prompt token per 512 cells), so a copy must save at least that many tokens.
+        Among the candidates, the lowest slot wins: llama.cpp attends over the whole range
+        of KV streams a batch touches, so sequences spread over slots 0 and 15 cost as much
+        attention as sixteen (measured: 4 streams fell from 2.6x to 1.4x the single-stream
+        rate).  Except that a slot whose cached tokens beyond the shared prefix make a
+        history worth keeping (KEEP_HISTORY tokens) is taken last, the shortest history
+        first: an idle chat's history outlives an unrelated request."""
         own = {s.seq: _common_prefix(s.tokens, tokens) for s in free}
         donor = max(self._slots, key=lambda s: _common_prefix(s.tokens, tokens))
         best = _common_prefix(donor.tokens, tokens)
         worth = max(2, self._n_ctx_seq // 512)
         near = [s for s in free if best - own[s.seq] < worth]
-        slot = min(near or free, key=lambda s: s.seq)
+
+        def cost(s: Slot) -> tuple[int, int]:
+            lost = len(s.tokens) - own[s.seq]
+            return (lost if lost >= KEEP_HISTORY else 0), s.seq
+
+        slot = min(near or free, key=cost)
         last = len(tokens) - 1  # the last prompt token is always decoded: its logits start the answer
         if not near:
             keep = min(best, last)

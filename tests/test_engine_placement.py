@@ -55,12 +55,26 @@ def test_a_few_tokens_more_elsewhere_do_not_beat_the_low_end():
     assert place(e, SYSTEM + [5]) == (0, 37)
 
 
+def test_an_idle_chats_history_outlives_an_unrelated_request():
+    history = SYSTEM + list(range(200, 400))
+    e = engine([history, [], [], []])
+    assert place(e, SYSTEM[:5] + [1, 2]) == (1, 0)  # not slot 0: it would lose 200 tokens
+    assert e._slots[0].tokens == history
+    assert place(e, history + [7, 8]) == (0, 240)  # the next turn finds it
+
+
 def test_a_busy_slots_prefix_is_copied_into_the_lowest_free_one():
     e = engine([SYSTEM + [9, 9, 9], [4, 4], [], []], busy={0})
-    assert place(e, SYSTEM + [1, 2]) == (1, 40)
+    assert place(e, SYSTEM + [1, 2]) == (1, 40)  # two cached tokens are no history to keep
     assert e._llama.calls == [("rm", 1, -1, -1), ("cp", 0, 1, -1, -1), ("rm", 1, 40, -1)]
     assert e._slots[1].tokens == SYSTEM
     assert e._slots[0].tokens == SYSTEM + [9, 9, 9]  # the donor keeps what it has
+
+
+def test_when_every_free_slot_holds_a_history_the_shortest_goes():
+    long_a, long_b = SYSTEM + list(range(200, 500)), SYSTEM + list(range(600, 750))
+    e = engine([SYSTEM + [9], long_a, long_b], busy={0})
+    assert place(e, SYSTEM + [1]) == (2, 40)  # the shorter history goes
 
 
 def test_no_copy_when_it_costs_more_than_it_saves():
