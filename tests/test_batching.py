@@ -75,6 +75,19 @@ def test_prefix_reuse_shows_in_cached_tokens(client):
     assert cached < second.usage.prompt_tokens
 
 
+def test_an_idle_chat_keeps_its_cache_when_another_request_comes(client):
+    history = [{"role": "user", "content": "My name is Grace and I collect old maps of the sea. " * 12}]
+    first = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=0,
+                                           extra_headers=NO_CACHE)
+    for question in PROMPTS:  # unrelated requests, one at a time: each needs a slot
+        chat(client, question, max_tokens=4)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "What do I collect?"}]
+    second = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=0,
+                                            extra_headers=NO_CACHE)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1, second.usage
+
+
 def test_a_new_slot_takes_the_prefix_of_a_busy_one(client, server):
     system = {"role": "system", "content": "You are the test assistant of Shimmy. Answer briefly and kindly. " * 4}
     question = [system, {"role": "user", "content": "Name a fruit."}]
