@@ -6,9 +6,10 @@ token of every generating sequence, then a chunk of any prompt still being
 prefilled.  A new request joins the running batch at the next step; a finished
 or cancelled sequence frees its slot at once.  A slot keeps the tokens it last
 held in the KV cache, so a prompt sharing a prefix with them (the earlier turns
-of a chat) reuses those cells instead of processing them again.  The slots share
-one KV buffer, so a slot can also take a longer prefix (a system prompt) from
-any other slot, busy or not.
+of a chat) reuses those cells instead of processing them again.  A new request
+can also take a longer prefix (a system prompt) from any other slot, busy or
+not: llama.cpp copies that slot's KV stream.  Every slot keeps its own stream,
+so a sequence's numbers never depend on what runs beside it.
 
 Request threads never touch llama.cpp here: they submit jobs and read their
 chunks from a bounded buffer.  The engine never waits on a slow reader: a job
