@@ -67,6 +67,7 @@ class Job:
     decoder: object = None
     pending_lps: list[TokenLogprob] = field(default_factory=list)
     done: bool = False
+    follow: "Job | None" = None  # a sibling choice whose prompt cells and logits this one takes
 
 
 class Sink:
@@ -136,6 +137,14 @@ class Slot:
     seq: int
     tokens: list[int] = field(default_factory=list)   # what this sequence holds in the KV cache
     job: Job | None = None
+    used: int = 0                                      # when it last got a job (0: never)
+
+
+def copy_worth(n_ctx_seq: int) -> int:
+    """Prompt tokens a copy of a slot's KV stream must save to be worth it: llama.cpp copies
+    streams only whole, about 3.5 ms per 1024 cells on the development machine, where a
+    prompt token costs about 3 ms."""
+    return max(2, n_ctx_seq // 512)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -163,7 +172,9 @@ class Engine:
         self._queue_size = queue_size
         self._queue_timeout = queue_timeout
         self._slots = [Slot(seq) for seq in range(n_slots)]
-        self._n_ctx_seq = llama_cpp.llama_n_ctx_seq(ctx.ctx)
+        self._worth = copy_worth(llama_cpp.llama_n_ctx_seq(ctx.ctx))
+        self._prompt_decoded = 0      # prompt tokens llama.cpp processed (not reused)
+        self._admitted = 0            # jobs given a slot so far (the clock of Slot.used)
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -234,7 +245,8 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"busy_slots": sum(1 for s in self._slots if s.job), "queued": len(self._waiting)}
+            return {"busy_slots": sum(1 for s in self._slots if s.job), "queued": len(self._waiting),
+                    "prompt_tokens_decoded": self._prompt_decoded}
 
     # ------------------------------------------------------------ engine thread
     def _run(self) -> None:
@@ -281,8 +293,16 @@ class Engine:
             if not free:
                 break
             self._waiting.popleft()
-            slot, keep = self._place(job.prepared.tokens, free)
-            slot.job, job.slot = job, slot
+            tokens = job.prepared.tokens
+            # The n choices of a request share one prompt: the first processes it, the others
+            # take its cells and logits once it is done, if that saves more than a copy costs.
+            leader = next((s.job for s in self._slots if s.job is not None and s.job.sink is job.sink
+                           and s.job.prepared is job.prepared and s.job.follow is None), None)
+            slot, keep = self._place(tokens, free, copy=leader is None)
+            if leader is not None and len(tokens) - 1 - keep >= self._worth:
+                job.follow = leader
+            self._admitted += 1
+            slot.job, job.slot, slot.used = job, slot, self._admitted
             job.fed = job.cached = keep
             job.sampler = self._sampler(job.params)
             job.scanner = StopScanner(job.prepared.stop)
@@ -290,43 +310,45 @@ class Engine:
             job.sink.admitted.set()
         return dropped
 
-    def _place(self, tokens: Sequence[int], free: list[Slot]) -> tuple[Slot, int]:
+    def _place(self, tokens: Sequence[int], free: list[Slot], copy: bool = True) -> tuple[Slot, int]:
         """Pick a free slot for ``tokens`` and make its KV cells hold the longest prefix of
         them that any slot has; return the slot and how many prompt tokens it now holds.
 
         A slot that already holds nearly the longest prefix takes the prompt as it is;
-        otherwise a free slot gets that prefix copied from the slot that has it.  llama.cpp
-        copies between streams only whole (about 3.5 ms per 1024 cells of a slot here, i.e.
-        about one prompt token per 512 cells), so a copy must save at least that many tokens.
-        Among the candidates, the lowest slot wins: llama.cpp attends over the whole range
-        of KV streams a batch touches, so sequences spread over slots 0 and 15 cost as much
-        attention as sixteen (measured: 4 streams fell from 2.6x to 1.4x the single-stream
-        rate).  Except that a slot whose cached tokens beyond the shared prefix make a
-        history worth keeping (KEEP_HISTORY tokens) is taken last, the shortest history
+        otherwise (and only with ``copy``) a free slot gets that prefix copied from the slot
+        that has it, when that saves :func:`copy_worth` tokens.  Among the candidates, the
+        lowest slot wins: llama.cpp attends over the whole range of KV streams a batch
+        touches, so sequences spread over slots 0 and 15 cost as much attention as sixteen
+        (measured: 4 streams fell from 2.6x to 1.4x the single-stream rate).  Except that a slot whose cached tokens beyond the shared prefix make a
+        history worth keeping (KEEP_HISTORY tokens) is taken last, the least recently used
         first: an idle chat's history outlives an unrelated request."""
         own = {s.seq: _common_prefix(s.tokens, tokens) for s in free}
         donor = max(self._slots, key=lambda s: _common_prefix(s.tokens, tokens))
         best = _common_prefix(donor.tokens, tokens)
-        worth = max(2, self._n_ctx_seq // 512)
-        near = [s for s in free if best - own[s.seq] < worth]
+        near = [s for s in free if best - own[s.seq] < self._worth or not copy]
 
-        def cost(s: Slot) -> tuple[int, int]:
-            lost = len(s.tokens) - own[s.seq]
-            return (lost if lost >= KEEP_HISTORY else 0), s.seq
+        def cost(s: Slot) -> tuple[bool, int, int]:
+            keep_it = len(s.tokens) - own[s.seq] >= KEEP_HISTORY
+            return keep_it, (s.used if keep_it else 0), s.seq
 
         slot = min(near or free, key=cost)
         last = len(tokens) - 1  # the last prompt token is always decoded: its logits start the answer
         if not near:
             keep = min(best, last)
-            self._llama.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
-            self._llama.llama_memory_seq_cp(self._memory, donor.seq, slot.seq, -1, -1)
-            self._llama.llama_memory_seq_rm(self._memory, slot.seq, keep, -1)
-            slot.tokens[:] = donor.tokens[:keep]
+            self._copy(donor, slot, keep)
             return slot, keep
         keep = min(own[slot.seq], last)
         self._llama.llama_memory_seq_rm(self._memory, slot.seq, keep, -1)
         del slot.tokens[keep:]
         return slot, keep
+
+    def _copy(self, donor: Slot, slot: Slot, keep: int) -> None:
+        """Make ``slot`` hold the first ``keep`` cells of ``donor`` (llama.cpp copies streams
+        only whole: copy, then cut)."""
+        self._llama.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+        self._llama.llama_memory_seq_cp(self._memory, donor.seq, slot.seq, -1, -1)
+        self._llama.llama_memory_seq_rm(self._memory, slot.seq, keep, -1)
+        slot.tokens[:] = donor.tokens[:keep]
 
     def _release(self, job: Job) -> None:
         slot = job.slot
@@ -362,6 +384,10 @@ class Engine:
             slot.tokens.append(token)
             n += 1
 
+        for job in active:  # a sibling that went away before its prompt was in: go it alone
+            leader = job.follow
+            if leader is not None and (leader.done or leader.slot is None):
+                job.follow = None
         generating = []
         for job in active:
             if job.sink.cancelled:
@@ -372,17 +398,22 @@ class Engine:
             add(job, job.last_token, True)
             outputs.append((job, n - 1))
         budget = self._n_batch if not generating else min(self._n_batch, PREFILL_CHUNK_WHILE_DECODING)
+        prefilled: list[tuple[Job, Slot, int]] = []  # prompts complete after this step
         for job in active:
             tokens = job.prepared.tokens
             if job.done or job.fed == len(tokens) or budget <= 0:
+                continue
+            if job.follow is not None:  # its sibling is still processing the prompt
                 continue
             take = min(budget, len(tokens) - job.fed)
             for i in range(job.fed, job.fed + take):
                 add(job, tokens[i], i == len(tokens) - 1)
             job.fed += take
+            self._prompt_decoded += take
             budget -= take
             if job.fed == len(tokens):
                 outputs.append((job, n - 1))
+                prefilled.append((job, job.slot, n - 1))
         if n == 0:
             return
         batch.n_tokens = n
@@ -391,6 +422,14 @@ class Engine:
             raise RuntimeError(f"llama_decode failed with status {status}")
         for job, idx in outputs:
             self._emit(job, idx)
+        for leader, slot, idx in prefilled:
+            # Sibling choices take the whole prompt's cells and its last logits: the same
+            # numbers as the first choice, without processing the prompt again.
+            for job in active:
+                if job.follow is leader and not job.done:
+                    self._copy(slot, job.slot, len(job.prepared.tokens))
+                    job.fed, job.follow = len(job.prepared.tokens), None
+                    self._emit(job, idx)
 
     def _emit(self, job: Job, idx: int) -> None:
         """Sample the next token of ``job`` from batch output ``idx`` and pass it on."""

@@ -1,8 +1,9 @@
 """Prometheus metrics, in a registry of the app's own (no process-wide globals).
 
 The request middleware records requests, latencies, tokens and cache results;
-model gauges (busy slots, queue depth, loaded models) are read from the model
-manager when ``/metrics`` is scraped.
+model gauges (busy slots, queue depth, loaded models) and the prompt tokens a
+model's engine really processed are read from the model manager when
+``/metrics`` is scraped.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,7 +23,7 @@ _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class _ModelGauges:
-    """Busy slots, queue depth and loaded models, read at scrape time."""
+    """Busy slots, queue depth, loaded models and processed prompt tokens, read at scrape time."""
 
     def __init__(self, manager: "ModelManager"):
         self.manager = manager
@@ -35,13 +36,18 @@ class _ModelGauges:
                                  labels=["model"])
         queued = GaugeMetricFamily("shimmy_queue_depth", "Requests waiting for a free slot, per loaded model.",
                                    labels=["model"])
+        decoded = CounterMetricFamily(
+            "shimmy_prompt_tokens_decoded", "Prompt tokens a loaded model processed since it was loaded; "
+            "tokens whose KV cells were reused count none (GGUF).", labels=["model"])
         stats = self.manager.stats()
         for entry in stats:
             name = str(entry.get("id") or entry.get("path"))
             busy.add_metric([name], float(entry.get("busy_slots", 0)))
             queued.add_metric([name], float(entry.get("queued", 0)))
+            if "prompt_tokens_decoded" in entry:
+                decoded.add_metric([name], float(entry["prompt_tokens_decoded"]))
         loaded = GaugeMetricFamily("shimmy_loaded_models", "Models loaded in memory.", value=len(stats))
-        return [busy, queued, loaded]
+        return [busy, queued, decoded, loaded]
 
 
 class Metrics:

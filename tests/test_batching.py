@@ -62,6 +62,26 @@ def test_n_choices_run_as_parallel_sequences(client):
         model=MODEL_ID, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=1).usage.prompt_tokens
 
 
+def decoded(server) -> int:
+    """Prompt tokens the engine has really processed (reused KV cells count none)."""
+    return sum(m.get("prompt_tokens_decoded", 0) for m in httpx.get(server.base + "/health", timeout=5).json()["models"])
+
+
+def test_n_choices_process_their_shared_prompt_once(client, server):
+    question = [{"role": "user", "content": "Here is a list of the birds I saw this spring: " +
+                 ", ".join(f"bird {i}" for i in range(60)) + ". Which one came first?"}]
+    before = decoded(server)
+    r = client.chat.completions.create(model=MODEL_ID, messages=question, n=3, max_tokens=12, temperature=0,
+                                       extra_headers=NO_CACHE)
+    spent = decoded(server) - before
+    prompt = r.usage.prompt_tokens
+    assert prompt > 200
+    # the first choice processes what no slot held; the other two take its cells and logits
+    assert spent == prompt - r.usage.prompt_tokens_details.cached_tokens, (spent, r.usage)
+    texts = [c.message.content for c in r.choices]
+    assert texts == [texts[0]] * 3
+
+
 def test_prefix_reuse_shows_in_cached_tokens(client):
     history = [{"role": "user", "content": "My name is Ada and I like sailing. " * 8}]
     first = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=0,

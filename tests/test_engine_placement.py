@@ -4,7 +4,7 @@ copied cells give the same text is proven on the real model in test_batching.py.
 
 from __future__ import annotations
 
-from shimmy_plugins.gguf_engine import Engine, Job, Slot
+from shimmy_plugins.gguf_engine import Engine, Job, Slot, copy_worth
 
 
 class Recorder:
@@ -22,7 +22,7 @@ class Recorder:
 
 def engine(slots: list[list[int]], busy: set[int] = frozenset(), n_ctx_seq: int = 8192) -> Engine:
     e = object.__new__(Engine)  # no llama.cpp context: only the placement state
-    e._llama, e._memory, e._n_ctx_seq = Recorder(), None, n_ctx_seq
+    e._llama, e._memory, e._worth = Recorder(), None, copy_worth(n_ctx_seq)
     e._slots = [Slot(i, list(tokens)) for i, tokens in enumerate(slots)]
     for i in busy:
         e._slots[i].job = object.__new__(Job)
@@ -71,10 +71,11 @@ def test_a_busy_slots_prefix_is_copied_into_the_lowest_free_one():
     assert e._slots[0].tokens == SYSTEM + [9, 9, 9]  # the donor keeps what it has
 
 
-def test_when_every_free_slot_holds_a_history_the_shortest_goes():
+def test_when_every_free_slot_holds_a_history_the_least_recently_used_goes():
     long_a, long_b = SYSTEM + list(range(200, 500)), SYSTEM + list(range(600, 750))
     e = engine([SYSTEM + [9], long_a, long_b], busy={0})
-    assert place(e, SYSTEM + [1]) == (2, 40)  # the shorter history goes
+    e._slots[1].used, e._slots[2].used = 3, 7
+    assert place(e, SYSTEM + [1]) == (1, 40)  # slot 1 served longer ago
 
 
 def test_no_copy_when_it_costs_more_than_it_saves():

@@ -128,10 +128,12 @@ def test_request_log_and_metrics_over_http(start_server, smollm2_path):
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("shimmy_requests", "shimmy_request_duration_seconds", "shimmy_time_to_first_token_seconds",
                  "shimmy_prompt_tokens", "shimmy_completion_tokens", "shimmy_cache_hits", "shimmy_cache_misses",
-                 "shimmy_busy_slots", "shimmy_queue_depth", "shimmy_loaded_models"):
+                 "shimmy_busy_slots", "shimmy_queue_depth", "shimmy_loaded_models", "shimmy_prompt_tokens_decoded"):
         assert name in fams, name
     [loaded] = fams["shimmy_loaded_models"].samples
     assert loaded.value == 1
+    [decoded] = fams["shimmy_prompt_tokens_decoded"].samples
+    assert decoded.labels == {"model": MODEL_ID} and decoded.value == r.json()["usage"]["prompt_tokens"]
     assert one_slot.stop() == 0
     output = "".join(one_slot.lines)
     [line] = [line for line in output.splitlines() if "id=log-check-1" in line]
