@@ -319,9 +319,10 @@ class Engine:
         that has it, when that saves :func:`copy_worth` tokens.  Among the candidates, the
         lowest slot wins: llama.cpp attends over the whole range of KV streams a batch
         touches, so sequences spread over slots 0 and 15 cost as much attention as sixteen
-        (measured: 4 streams fell from 2.6x to 1.4x the single-stream rate).  Except that a slot whose cached tokens beyond the shared prefix make a
-        history worth keeping (KEEP_HISTORY tokens) is taken last, the least recently used
-        first: an idle chat's history outlives an unrelated request."""
+        (measured: 4 streams fell from 2.6x to 1.4x the single-stream rate).  Except that a
+        slot whose cached tokens beyond the shared prefix make a history worth keeping
+        (KEEP_HISTORY tokens) is taken last, the least recently used first: an idle chat's
+        history outlives an unrelated request."""
         own = {s.seq: _common_prefix(s.tokens, tokens) for s in free}
         donor = max(self._slots, key=lambda s: _common_prefix(s.tokens, tokens))
         best = _common_prefix(donor.tokens, tokens)
