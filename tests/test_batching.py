@@ -64,7 +64,8 @@ def test_n_choices_run_as_parallel_sequences(client):
 
 def decoded(server) -> int:
     """Prompt tokens the engine has really processed (reused KV cells count none)."""
-    return sum(m.get("prompt_tokens_decoded", 0) for m in httpx.get(server.base + "/health", timeout=5).json()["models"])
+    models = httpx.get(server.base + "/health", timeout=5).json()["models"]
+    return sum(m.get("prompt_tokens_decoded", 0) for m in models)
 
 
 def test_n_choices_process_their_shared_prompt_once(client, server):
