@@ -49,10 +49,17 @@ def test_a_slot_holding_the_prompt_wins_over_a_lower_one():
     assert e._slots[2].tokens == SYSTEM + [1, 2]
 
 
-def test_a_few_tokens_more_elsewhere_do_not_beat_the_low_end():
-    # 16 cells per token of copy at 8192 cells: a 3-token gain is not worth moving up
-    e = engine([SYSTEM[:37], [], SYSTEM, []])
-    assert place(e, SYSTEM + [5]) == (0, 37)
+def test_next_to_a_busy_slot_the_prefix_moves_instead_of_the_sequence():
+    e = engine([[8, 8], [], SYSTEM + [1], []], busy={0})
+    assert place(e, SYSTEM + [1, 2]) == (1, 41)  # slot 1 keeps the busy range at 0..1
+    assert e._llama.calls == [("rm", 1, -1, -1), ("cp", 2, 1, -1, -1), ("rm", 1, 41, -1)]
+    assert e._slots[2].tokens == SYSTEM + [1]
+
+
+def test_a_few_tokens_are_recomputed_rather_than_copied():
+    e = engine([[8, 8], SYSTEM[:37], SYSTEM, []], busy={0})
+    assert place(e, SYSTEM + [5]) == (1, 37)  # 3 tokens: less than a copy of 8192 cells costs
+    assert e._llama.calls == [("rm", 1, 37, -1)]
 
 
 def test_an_idle_chats_history_outlives_an_unrelated_request():
