@@ -11,12 +11,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.conftest import wait_for
 from tests.test_discovery import (
     STORE_VARS,
     build_hf_cache,
@@ -175,13 +175,6 @@ def model_ids(server) -> set[str]:
     return {m["id"] for m in httpx.get(server.url + "/models", timeout=30).json()["data"]}
 
 
-def wait_for(check, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return check()
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from shimmy_core.plugin_manager import create_plugin_manager
 from shimmy_core.registry import build_registry
 from shimmy_core.server import server_connections, server_threads
 from shimmy_core.settings import Settings
+from tests.conftest import wait_for
 from tests.test_openai_api import HI, MODEL, FakePlugin, Harness, assert_error
 
 CHAT = "/v1/chat/completions"
@@ -314,15 +315,6 @@ def manager(**overrides) -> tuple[ModelManager, Counting]:
 
 def info(name: str) -> ModelInfo:
     return ModelInfo(id=name, path=f"/models/{name}", format="fake", source="test")
-
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_max_loaded_models_unloads_the_least_recently_used_idle_model():
