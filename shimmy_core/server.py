@@ -14,6 +14,9 @@ import threading
 import time
 from typing import Callable
 
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser, ParsingError
+
 from shimmy_core.app import Shimmy, create_app
 
 # Waitress answers bodies over its own limit in plain text before the app runs: keep its limit
@@ -21,6 +24,23 @@ from shimmy_core.app import Shimmy, create_app
 # for headers (the app answers 431 in JSON).
 _WAITRESS_BODY_FACTOR = 16
 _WAITRESS_HEADER_FACTOR = 4
+
+
+class StrictRequestParser(HTTPRequestParser):
+    """waitress's parser, refusing request smuggling: a request that carries both
+    ``Transfer-Encoding`` and ``Content-Length`` gets 400 and its connection is closed, with
+    anything pipelined after it unread (RFC 9112 section 6.3).  waitress alone would read the
+    chunked body and then answer whatever follows it on the connection."""
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        # waitress pops Transfer-Encoding from HTTP/1.1 headers once it has set ``chunked``.
+        if (self.chunked or "TRANSFER_ENCODING" in self.headers) and "CONTENT_LENGTH" in self.headers:
+            raise ParsingError("A request may not carry both Transfer-Encoding and Content-Length")
+
+
+class StrictChannel(HTTPChannel):
+    parser_class = StrictRequestParser
 
 
 # Threads beyond the admitted requests, so that /health and quick refusals (503, 4xx)
@@ -52,7 +72,7 @@ def make_server(shimmy: Shimmy):
     # Bodies up to the app's limit stay in memory (waitress spills larger ones to a temporary file),
     # and so does output up to waitress's back-pressure mark: conversations are not written to disk.
     in_memory = settings.max_body_bytes + settings.max_header_bytes + 65536
-    return create_server(
+    server = create_server(
         create_app(shimmy),
         host=settings.host,  # always explicit: waitress alone would listen on every interface
         port=settings.port,
@@ -69,6 +89,8 @@ def make_server(shimmy: Shimmy):
         clear_untrusted_proxy_headers=True,
         ident="shimmy",
     )
+    server.channel_class = StrictChannel
+    return server
 
 
 # ------------------------------------------------------------------ logging

@@ -139,3 +139,49 @@ def test_request_log_and_metrics_over_http(start_server, smollm2_path):
     [line] = [line for line in output.splitlines() if "id=log-check-1" in line]
     assert f"POST /v1/chat/completions 200 model={MODEL_ID} tokens=" in line and "ms id=" in line
     assert "private thought" not in output
+
+
+def _raw_exchange(server, payload: bytes) -> bytes:
+    """Send raw bytes on one connection; return everything received until the server closes it."""
+    host, port = server.base.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.settimeout(30)  # hang guard: a server that keeps the connection open fails the test
+    try:
+        sock.sendall(payload)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        return received
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+])
+def test_request_smuggling_is_refused_and_the_connection_closed(server, framing):
+    """RFC 9112 section 6.3: a request with both Transfer-Encoding and Content-Length gets 400,
+    and the request pipelined behind it on the same connection is never answered."""
+    smuggled = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                + framing + b"\r\n0\r\n\r\n"
+                b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    received = _raw_exchange(server, smuggled)
+    assert received.startswith(b"HTTP/1.1 400 "), received[:200]
+    assert received.count(b"HTTP/1.1 ") == 1, received  # nothing answered after it: the connection closed
+    assert b'"object": "list"' not in received and b'"object":"list"' not in received
+
+
+def test_chunked_and_pipelined_requests_still_work(server):
+    """The refusal above is only for the ambiguous framing: a plain chunked request and a
+    request pipelined after it are both answered on one connection."""
+    body = b'{"model": "nope", "messages": []}'
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    payload = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n" + chunked +
+               b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    received = _raw_exchange(server, payload)
+    assert received.count(b"HTTP/1.1 ") == 2, received
+    first, second = received.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith((b"400 ", b"404 ")) and b'"error"' in first  # the app's JSON answer
+    assert second.startswith(b"200 ") and b'"list"' in second

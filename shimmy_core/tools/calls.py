@@ -248,6 +248,9 @@ class ToolCallParser:
         while self._mode == "calls":
             if self._obj_call is not None:  # a call cut short (max_tokens): keep what came
                 break
+            if self._obj is not None and self._obj.name in self.names:
+                self._cut_call()  # cut short before its arguments began: still a call
+                break
             if self._region_calls and self._obj is None:
                 break  # calls, then at most a marker still arriving: done
             self._fallback_to_text()  # an object or a marker that never became a call
@@ -398,6 +401,19 @@ class ToolCallParser:
             self._obj_sent += len(piece)
             self._obj_call.arguments += piece
             self._out.append(ToolCallDelta(self.calls.index(self._obj_call), None, None, piece))
+
+    def _cut_call(self) -> None:
+        """The object being read names a known function but ended early: a call with whatever
+        argument text came (possibly none), so the client or the server loop sees it."""
+        obj = self._obj
+        arguments = obj.text[obj.args_start:] if obj.args_start >= 0 else ""
+        call = ToolCall(new_call_id(), obj.name, arguments)
+        index = len(self.calls)
+        self.calls.append(call)
+        self._out.append(ToolCallDelta(index, call.id, call.name, ""))
+        if arguments:
+            self._out.append(ToolCallDelta(index, None, None, arguments))
+        self._obj = None
 
     def _close_object(self) -> bool:
         """A complete object: a call, or text after all.  Returns whether scanning goes on."""

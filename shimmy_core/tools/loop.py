@@ -69,6 +69,12 @@ class ToolRequest:
     answer_schema: Any = None         # response_format json_schema's schema, or {"type": "object"}
 
 
+def cut_short(finish: str) -> str:
+    """What a server call cut off before its arguments were complete reports (it did not run)."""
+    why = "max_tokens or the request's deadline" if finish == "length" else f"finish reason {finish!r}"
+    return f"error: the call was cut off by {why} before its arguments were complete; the tool did not run"
+
+
 def _feed(parser: ToolCallParser, chunk: TextDelta) -> list[Chunk]:
     """The parser's output for one text chunk, with the chunk's logprobs kept."""
     out = parser.feed(chunk.text)
@@ -252,6 +258,12 @@ class ToolPlan:
             if (not server_calls and text_call is None) or finish != "stop":
                 if text_call is not None and finish != "stop":
                     yield 0, TextDelta(text_call.raw)  # cut short: it is just text
+                for call in server_calls:  # cut short (max_tokens, deadline): reported, never run
+                    yield 0, ToolExecuted(call.id, call.name, call.arguments, cut_short(finish), is_error=True)
+                forced = self.request.function if choice == "function" else None
+                if finish != "stop" and not parser.calls and forced in self.server:
+                    # the forced call was cut off before even its name was out
+                    yield 0, ToolExecuted(new_call_id(), forced, "", cut_short(finish), is_error=True)
                 yield 0, Finish("tool_calls" if client_calls and finish == "stop" else finish)
                 return
             on_execute()
