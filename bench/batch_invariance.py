@@ -1,13 +1,16 @@
 """How far llama.cpp's numbers for one sequence depend on how its tokens were batched.
 
-    .venv/bin/python bench/batch_invariance.py [--max-len 120] [--steps 32]
+    .venv/bin/python bench/batch_invariance.py [--max-len 120] [--steps 32] [--model PATH] [--no-repack]
 
 In-process, with the GGUF engine's context settings (one KV stream per sequence, flash
-attention off, the server's threads), on the demo model:
+attention off, the server's threads), on the demo model or ``--model``:
   - prefix reuse: for each prompt length, the last token's logits when the prompt is
-    processed in one batch against when all but its last token come from the cache;
+    processed in one batch against when all but its last token come from the cache (what
+    the engine did before), and, the engine's way now, the prompt cut at multiples of 128
+    tokens, fresh against whole chunks from the cache (left there by a longer prompt);
   - batching: a prompt's greedy decode alone (one token per step) against the same decode
-    while three other sequences share every step (four tokens per step).
+    while one, two or three other sequences share every step.
+``--no-repack`` loads the weights as ``shimmy serve --batch-invariant`` does.
 Prints how many cases differ at all, the largest difference, and how many change the
 greedy token.  A test of the engine cannot promise more than this.
 """
@@ -25,16 +28,19 @@ QUESTIONS = ["Name three colors.", "Write a haiku about rain.", "What is the cap
 
 
 class Context:
-    def __init__(self, path: str, n_seq: int):
+    def __init__(self, path: str, n_seq: int, repack: bool = True):
         import llama_cpp
         from llama_cpp._internals import LlamaContext, LlamaModel
         from llama_cpp._logger import set_verbose
 
         set_verbose(False)
         self.llama = llama_cpp
-        self.model = LlamaModel(path_model=path, params=llama_cpp.llama_model_default_params(), verbose=False)
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.use_extra_bufts = repack
+        self.model = LlamaModel(path_model=path, params=mparams, verbose=False)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_seq_max, params.kv_unified = 1024 * n_seq, n_seq, False
+        params.n_batch = params.n_ubatch = 512
         params.n_threads, params.n_threads_batch = engine_threads()
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = LlamaContext(model=self.model, params=params, verbose=False)
@@ -61,9 +67,15 @@ class Context:
         self.llama.llama_memory_clear(self.memory, True)
 
 
+def birds(c: Context) -> list[int]:
+    return c.tokenize("Here is a list of the birds I saw this spring: " +
+                      ", ".join(f"bird {i}" for i in range(150)) + ". Which one came first?")
+
+
 def prefix_reuse(c: Context, max_len: int) -> tuple[int, int, float, int]:
-    tokens = c.tokenize("Here is a list of the birds I saw this spring: " +
-                        ", ".join(f"bird {i}" for i in range(60)) + ". Which one came first?")
+    """The old way: the whole prompt in one batch against all but its last token from the
+    cache and the last one computed alone."""
+    tokens = birds(c)
     differ = flips = 0
     worst = 0.0
     lengths = range(2, min(max_len, len(tokens)) + 1)
@@ -75,6 +87,38 @@ def prefix_reuse(c: Context, max_len: int) -> tuple[int, int, float, int]:
         d = float(np.abs(whole - reused).max())
         differ += d > 0
         flips += int(whole.argmax() != reused.argmax())
+        worst = max(worst, d)
+    return len(lengths), differ, worst, flips
+
+
+def in_chunks(c: Context, tokens: list[int], start: int, chunk: int) -> np.ndarray:
+    """The engine's way: positions from ``start`` on, cut at multiples of ``chunk``, each
+    chunk in a batch of its own; the last token's logits."""
+    pos = start
+    while pos < len(tokens):
+        end = min(len(tokens), (pos // chunk + 1) * chunk)
+        [last] = c.decode([(0, p, tokens[p]) for p in range(pos, end)])
+        pos = end
+    return last
+
+
+def chunked_reuse(c: Context, lengths: range, chunk: int) -> tuple[int, int, float, int]:
+    """The engine's way, fresh against cached: whole chunks left in the cache by a longer
+    prompt (40 more tokens), the rest computed again."""
+    tokens = birds(c)
+    differ = flips = 0
+    worst = 0.0
+    for n in lengths:
+        c.clear()
+        fresh = in_chunks(c, tokens[:n], 0, chunk)
+        c.clear()
+        in_chunks(c, tokens[:n + 40], 0, chunk)
+        keep = (n - 1) // chunk * chunk
+        c.llama.llama_memory_seq_rm(c.memory, 0, keep, -1)
+        cached = in_chunks(c, tokens[:n], keep, chunk)
+        d = float(np.abs(fresh - cached).max())
+        differ += d > 0
+        flips += int(fresh.argmax() != cached.argmax())
         worst = max(worst, d)
     return len(lengths), differ, worst, flips
 
@@ -99,20 +143,27 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-len", type=int, default=120)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--model", help="a GGUF file (default: the demo model)")
+    parser.add_argument("--no-repack", dest="repack", action="store_false",
+                        help="load the weights unrepacked, as --batch-invariant does")
     args = parser.parse_args()
-    c = Context(str(demo_model_path()), n_seq=4)
+    c = Context(args.model or str(demo_model_path()), n_seq=4, repack=args.repack)
     total, differ, worst, flips = prefix_reuse(c, args.max_len)
-    print(f"prefix reuse: {differ} of {total} prompt lengths differ; largest |logit difference| {worst:.3f}; "
-          f"greedy token changed at {flips}")
+    print(f"prefix reuse, last token alone: {differ} of {total} prompt lengths differ; largest |logit "
+          f"difference| {worst:.3f}; greedy token changed at {flips}")
+    total, differ, worst, flips = chunked_reuse(c, range(130, 130 + args.max_len), 128)
+    print(f"prefix reuse, whole 128-token chunks (the engine): {differ} of {total} prompt lengths differ; "
+          f"largest |logit difference| {worst:.3f}; greedy token changed at {flips}")
     prompts = [c.tokenize(q) for q in QUESTIONS]
     for q, others in ((QUESTIONS[i], prompts[:i] + prompts[i + 1:]) for i in range(len(prompts))):
         mine = c.tokenize(q)
         alone = greedy(c, [mine], args.steps)
-        batched = greedy(c, [mine, *others], args.steps)
-        diffs = [float(np.abs(a - b).max()) for a, b in zip(alone, batched)]
-        same = next((i for i, (a, b) in enumerate(zip(alone, batched)) if a.argmax() != b.argmax()), None)
-        print(f"batching, {q!r}: {sum(d > 0 for d in diffs)} of {args.steps} steps differ; largest "
-              f"{max(diffs):.3f}; greedy text {'identical' if same is None else f'diverges at step {same}'}")
+        for k in range(1, len(others) + 1):
+            batched = greedy(c, [mine, *others[:k]], args.steps)
+            diffs = [float(np.abs(a - b).max()) for a, b in zip(alone, batched)]
+            same = next((i for i, (a, b) in enumerate(zip(alone, batched)) if a.argmax() != b.argmax()), None)
+            print(f"batching, {q!r} with {k} other(s): {sum(d > 0 for d in diffs)} of {args.steps} steps differ; "
+                  f"largest {max(diffs):.3f}; greedy text {'identical' if same is None else f'diverges at step {same}'}")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ class GGUFBackend:
         if gpu_layers < 0:
             gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
         mparams.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
+        # llama.cpp repacks some weight types for its CPU kernels (Q4_0, Q4_K, IQ4_NL, MXFP4 on
+        # AVX2); their 4-row kernel rounds unlike the 1-row one, so a stream's numbers change
+        # once 4 streams share a step.  Unrepacked, every row is computed alike.
+        mparams.use_extra_bufts = not settings.batch_invariant
         try:
             lmodel = LlamaModel(path_model=model.path, params=mparams, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:

@@ -1,15 +1,17 @@
 """Continuous batching for one GGUF model on llama.cpp.
 
 One engine thread per loaded model drives ``llama_decode`` over a context that
-holds several sequences (slots).  Each step builds one ``llama_batch``: the next
-token of every generating sequence, then a chunk of any prompt still being
-prefilled.  A new request joins the running batch at the next step; a finished
+holds several sequences (slots).  Each step decodes the next token of every
+generating sequence in one ``llama_batch``, then chunks of the prompts still being
+prefilled, each chunk in a batch of its own and cut at fixed positions (see
+:func:`chunk_end`).  A new request joins the running batch at the next step; a finished
 or cancelled sequence frees its slot at once.  A slot keeps the tokens it last
 held in the KV cache, so a prompt sharing a prefix with them (the earlier turns
 of a chat) reuses those cells instead of processing them again.  A new request
 can also take a longer prefix (a system prompt) from any other slot, busy or
-not: llama.cpp copies that slot's KV stream.  Every slot keeps its own stream,
-so a sequence's numbers never depend on what runs beside it.
+not: llama.cpp copies that slot's KV stream.  Every slot keeps its own stream.
+How far a sequence's numbers depend on what runs beside it is a matter of llama.cpp's
+kernels for the model's weight types: docs/operations.md says what is promised.
 
 Request threads never touch llama.cpp here: they submit jobs and read their
 chunks from a bounded buffer.  The engine never waits on a slow reader: a job
@@ -44,6 +46,7 @@ from shimmy_core.stops import StopScanner
 PENALTY_LAST_N = 256
 STREAM_BUFFER = 64             # chunks a job may have waiting for its reader before it pauses
 PREFILL_CHUNK_WHILE_DECODING = 128  # prompt tokens per step while other sequences generate
+PROMPT_CHUNK = 128             # prompts are computed in chunks cut at multiples of this position
 _IDLE_WAIT_S = 0.05
 KEEP_HISTORY = 128             # cached tokens a new prompt would throw away that are worth a slot
 
@@ -138,6 +141,7 @@ class Slot:
     tokens: list[int] = field(default_factory=list)   # what this sequence holds in the KV cache
     job: Job | None = None
     used: int = 0                                      # when it last got a job (0: never)
+    canon: int = 0                                     # leading cells computed as whole prompt chunks
 
 
 def copy_worth(n_ctx_seq: int) -> int:
@@ -145,6 +149,38 @@ def copy_worth(n_ctx_seq: int) -> int:
     streams only whole, about 3.5 ms per 1024 cells on the development machine, where a
     prompt token costs about 3 ms."""
     return max(2, n_ctx_seq // 512)
+
+
+def exact(params: SamplingParams) -> bool:
+    """Whether a request asks for reproducible numbers: greedy, or seeded."""
+    return params.temperature == 0 or params.seed is not None
+
+
+def chunk_end(pos: int, n_prompt: int, chunk: int) -> int:
+    """Where the prompt chunk starting at ``pos`` ends: at the next multiple of ``chunk``, or
+    at the prompt's end.
+
+    llama.cpp's CPU kernels round a token's numbers differently depending on how many tokens
+    of its sequence share the batch (a lone token's attention is a dot product per row, two or
+    more go through tinyBLAS; repacked weights take 4 rows at a time).  Cutting every prompt
+    at the same positions, each chunk in a batch of its own, makes every prompt token's
+    numbers a function of the prompt alone, whatever the cache held and whatever ran beside it."""
+    return min(n_prompt, (pos // chunk + 1) * chunk)
+
+
+def reusable(common: int, canon: int, n_prompt: int, exact: bool, chunk: int) -> int:
+    """How many cells of a slot a prompt may reuse: ``common`` tokens agree, the first ``canon``
+    cells were computed as whole chunks (:func:`chunk_end`), and the last prompt token is
+    always computed (its logits start the answer).
+
+    An ``exact`` request (greedy or seeded) reuses only whole chunks, so that it computes the
+    rest exactly as a fresh prompt would: cells of a chunk cut short, or of generated tokens
+    (computed one per step, beside other streams), are computed again.  Other requests reuse
+    every agreeing cell."""
+    keep = min(common, n_prompt - 1)
+    if exact:
+        keep = min(keep, canon) // chunk * chunk
+    return max(keep, 0)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -169,6 +205,7 @@ class Engine:
         self._n_vocab = model.n_vocab()
         self._memory = llama_cpp.llama_get_memory(ctx.ctx)
         self._n_batch = n_batch
+        self._chunk = min(PROMPT_CHUNK, n_batch)
         self._queue_size = queue_size
         self._queue_timeout = queue_timeout
         self._slots = [Slot(seq) for seq in range(n_slots)]
@@ -276,6 +313,7 @@ class Engine:
                 for slot in self._slots:  # the cache no longer matches what the slots recorded
                     self._llama.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
                     slot.tokens.clear()
+                    slot.canon = 0
 
     def _runnable(self, job: Job) -> bool:
         return job.sink.cancelled or not job.sink.full(job.index)
@@ -298,7 +336,7 @@ class Engine:
             # take its cells and logits once it is done, if that saves more than a copy costs.
             leader = next((s.job for s in self._slots if s.job is not None and s.job.sink is job.sink
                            and s.job.prepared is job.prepared and s.job.follow is None), None)
-            slot, keep = self._place(tokens, free, copy=leader is None)
+            slot, keep = self._place(tokens, free, copy=leader is None, exact=exact(job.params))
             if leader is not None and len(tokens) - 1 - keep >= self._worth:
                 job.follow = leader
             self._admitted += 1
@@ -310,7 +348,8 @@ class Engine:
             job.sink.admitted.set()
         return dropped
 
-    def _place(self, tokens: Sequence[int], free: list[Slot], copy: bool = True) -> tuple[Slot, int]:
+    def _place(self, tokens: Sequence[int], free: list[Slot], copy: bool = True,
+               exact: bool = False) -> tuple[Slot, int]:
         """Pick a free slot for ``tokens`` and make its KV cells hold the longest prefix of
         them that any slot has; return the slot and how many prompt tokens it now holds.
 
@@ -321,26 +360,31 @@ class Engine:
         (KEEP_HISTORY tokens the prompt does not share) come last, the least recently used
         first: an idle chat's history outlives an unrelated request.  When another slot
         (busy or not) holds a longer prefix, it is copied over (only with ``copy``) if that
-        saves :func:`copy_worth` prompt tokens."""
-        own = {s.seq: _common_prefix(s.tokens, tokens) for s in free}
+        saves :func:`copy_worth` prompt tokens.  What may be reused is :func:`reusable`'s."""
+        n = len(tokens)
+
+        def usable(s: Slot) -> int:
+            return reusable(_common_prefix(s.tokens, tokens), s.canon, n, exact, self._chunk)
+
+        own = {s.seq: usable(s) for s in free}
+        shared = {s.seq: _common_prefix(s.tokens, tokens) for s in free}
         busy = [s.seq for s in self._slots if s.job is not None]
 
         def rank(s: Slot) -> tuple[bool, int, int, int, int]:
-            keep_it = len(s.tokens) - own[s.seq] >= KEEP_HISTORY
+            keep_it = len(s.tokens) - shared[s.seq] >= KEEP_HISTORY
             span = max(busy + [s.seq]) - min(busy + [s.seq])
             return keep_it, (s.used if keep_it else 0), span, -own[s.seq], s.seq
 
         slot = min(free, key=rank)
-        donor = max(self._slots, key=lambda s: _common_prefix(s.tokens, tokens))
-        best = _common_prefix(donor.tokens, tokens)
-        last = len(tokens) - 1  # the last prompt token is always decoded: its logits start the answer
+        donor = max(self._slots, key=usable)
+        best = usable(donor)
         if copy and best - own[slot.seq] >= self._worth:
-            keep = min(best, last)
-            self._copy(donor, slot, keep)
-            return slot, keep
-        keep = min(own[slot.seq], last)
+            self._copy(donor, slot, best)
+            return slot, best
+        keep = own[slot.seq]
         self._llama.llama_memory_seq_rm(self._memory, slot.seq, keep, -1)
         del slot.tokens[keep:]
+        slot.canon = min(slot.canon, keep)
         return slot, keep
 
     def _copy(self, donor: Slot, slot: Slot, keep: int) -> None:
@@ -350,6 +394,7 @@ class Engine:
         self._llama.llama_memory_seq_cp(self._memory, donor.seq, slot.seq, -1, -1)
         self._llama.llama_memory_seq_rm(self._memory, slot.seq, keep, -1)
         slot.tokens[:] = donor.tokens[:keep]
+        slot.canon = min(donor.canon, keep)
 
     def _release(self, job: Job) -> None:
         slot = job.slot
@@ -370,21 +415,9 @@ class Engine:
         self._release(job)
 
     def _step(self, active: list[Job]) -> None:
-        llama, batch = self._llama, self._batch
-        n = 0
-        outputs: list[tuple[Job, int]] = []
-
-        def add(job: Job, token: int, logits: bool) -> None:
-            nonlocal n
-            slot = job.slot
-            batch.token[n] = token
-            batch.pos[n] = len(slot.tokens)
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = slot.seq
-            batch.logits[n] = logits
-            slot.tokens.append(token)
-            n += 1
-
+        """One step: the next token of every generating sequence in one ``llama_decode``, then
+        prompt chunks (:func:`chunk_end`), each in a ``llama_decode`` of its own, as many as
+        the step's budget holds."""
         for job in active:  # a sibling that went away before its prompt was in: go it alone
             leader = job.follow
             if leader is not None and (leader.done or leader.slot is None):
@@ -395,42 +428,53 @@ class Engine:
                 self._finish(job, "length")
             elif job.fed == len(job.prepared.tokens) and not job.sink.full(job.index):
                 generating.append(job)
-        for job in generating:
-            add(job, job.last_token, True)
-            outputs.append((job, n - 1))
+        if generating:
+            for i, job in enumerate(generating):
+                self._add(i, job, job.last_token, True)
+            self._decode(len(generating))
+            for i, job in enumerate(generating):
+                self._emit(job, i)
         budget = self._n_batch if not generating else min(self._n_batch, PREFILL_CHUNK_WHILE_DECODING)
-        prefilled: list[tuple[Job, Slot, int]] = []  # prompts complete after this step
         for job in active:
             tokens = job.prepared.tokens
-            if job.done or job.fed == len(tokens) or budget <= 0:
-                continue
-            if job.follow is not None:  # its sibling is still processing the prompt
-                continue
-            take = min(budget, len(tokens) - job.fed)
-            for i in range(job.fed, job.fed + take):
-                add(job, tokens[i], i == len(tokens) - 1)
-            job.fed += take
-            self._prompt_decoded += take
-            budget -= take
-            if job.fed == len(tokens):
-                outputs.append((job, n - 1))
-                prefilled.append((job, job.slot, n - 1))
-        if n == 0:
-            return
-        batch.n_tokens = n
-        status = llama.llama_decode(self._ctx.ctx, batch)
+            while not job.done and job.fed < len(tokens) and job.follow is None:
+                start, end = job.fed, chunk_end(job.fed, len(tokens), self._chunk)
+                if end - start > budget:
+                    break  # the next step
+                for i in range(start, end):
+                    self._add(i - start, job, tokens[i], i == len(tokens) - 1)
+                self._decode(end - start)
+                slot = job.slot
+                if slot.canon == start and end - start == self._chunk:
+                    slot.canon = end  # a whole chunk after whole chunks
+                job.fed = end
+                self._prompt_decoded += end - start
+                budget -= end - start
+                if end == len(tokens):
+                    self._emit(job, end - start - 1)
+                    # Sibling choices take the whole prompt's cells and its last logits: the
+                    # same numbers as the first choice, without processing the prompt again.
+                    for other in active:
+                        if other.follow is job and not other.done:
+                            self._copy(slot, other.slot, len(other.prepared.tokens))
+                            other.fed, other.follow = len(other.prepared.tokens), None
+                            self._emit(other, end - start - 1)
+
+    def _add(self, n: int, job: Job, token: int, logits: bool) -> None:
+        """Put ``token`` of ``job``'s sequence at index ``n`` of the batch."""
+        batch, slot = self._batch, job.slot
+        batch.token[n] = token
+        batch.pos[n] = len(slot.tokens)
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = slot.seq
+        batch.logits[n] = logits
+        slot.tokens.append(token)
+
+    def _decode(self, n: int) -> None:
+        self._batch.n_tokens = n
+        status = self._llama.llama_decode(self._ctx.ctx, self._batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
-        for job, idx in outputs:
-            self._emit(job, idx)
-        for leader, slot, idx in prefilled:
-            # Sibling choices take the whole prompt's cells and its last logits: the same
-            # numbers as the first choice, without processing the prompt again.
-            for job in active:
-                if job.follow is leader and not job.done:
-                    self._copy(slot, job.slot, len(job.prepared.tokens))
-                    job.fed, job.follow = len(job.prepared.tokens), None
-                    self._emit(job, idx)
 
     def _emit(self, job: Job, idx: int) -> None:
         """Sample the next token of ``job`` from batch output ``idx`` and pass it on."""

@@ -45,7 +45,7 @@ IGNORED_FIELDS = frozenset({"model", "stream", "stream_options", "user", "metada
 # Settings that change what the server answers to the same request (the enabled server-side
 # tools too: with one enabled, a model's text-protocol call runs instead of staying text).
 OUTPUT_SETTINGS = ("ctx_size", "max_ctx", "max_tokens_ceiling", "gpu_layers", "device", "dtype", "batch_size",
-                   "enable_tools", "tool_max_steps")
+                   "batch_invariant", "enable_tools", "tool_max_steps")
 # The attribute of a run that says it executed a server-side tool (set by the tools code).
 SERVER_TOOLS_FLAG = "uses_server_tools"
 # Entries larger than this (as JSON) are not stored.

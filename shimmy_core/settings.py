@@ -36,6 +36,7 @@ class Settings:
     queue_size: int = 16                  # requests waiting for a slot before 503
     queue_timeout: float = 60.0           # seconds a request may wait for a slot
     batch_size: int = 512                 # llama.cpp logical batch (prompt chunk per step)
+    batch_invariant: bool = False         # GGUF: no repacked weights, so batching changes no number
     device: str = "auto"                  # SafeTensors backend: auto, cpu, cuda, mps
     dtype: str = "auto"                   # SafeTensors backend: auto, float32, float16, bfloat16
     max_tokens_ceiling: int = 4096        # server-side cap on generated tokens per choice

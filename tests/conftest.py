@@ -273,3 +273,25 @@ def wait_for(predicate, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def assert_greedy_agrees(alone, batched, margin: float) -> None:
+    """Two greedy runs of one prompt whose numbers may differ by rounding (a backend whose
+    kernels depend on batch shape, docs/operations.md): each is a list of ``(token, {token:
+    logprob} of the top candidates)``.  They must agree token for token until, at most, a
+    step where the two runs picked two candidates that the first run had within ``margin``
+    of each other: a near tie that rounding can flip.  After that the texts may go apart."""
+    for step, ((token_a, top_a), (token_b, _)) in enumerate(zip(alone, batched)):
+        if token_a == token_b:
+            continue
+        assert token_b in top_a, f"step {step}: {token_b!r} is not among the candidates {top_a} of {token_a!r}"
+        gap = top_a[token_a] - top_a[token_b]
+        assert gap <= margin, f"step {step}: {token_a!r} led {token_b!r} by {gap:.3f}, no near tie"
+        return
+    assert len(alone) == len(batched) or min(len(alone), len(batched)) == 0, "one run stopped early"
+
+
+def sdk_greedy(choice) -> list[tuple[str, dict[str, float]]]:
+    """``(token, top logprobs)`` of each generated token of an openai SDK choice or stream."""
+    content = choice if isinstance(choice, list) else choice.logprobs.content
+    return [(t.token, {c.token: c.logprob for c in t.top_logprobs}) for t in content]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import uuid
 
 import httpx
 import openai
@@ -53,6 +54,47 @@ def test_seed_reproduces_under_concurrency(client):
     assert [f.result() for f in seeded] == [alone, alone]
 
 
+BIRDS = "Here is a list of the birds I saw this spring: " + ", ".join(f"bird {i}" for i in range(60))
+
+
+def probe(client, messages, **kwargs):
+    """A greedy request's first tokens with their top logprobs, and its usage."""
+    r = client.chat.completions.create(model=MODEL_ID, messages=messages, temperature=0, logprobs=True,
+                                       top_logprobs=5, extra_headers=NO_CACHE, **{"max_tokens": 2, **kwargs})
+    numbers = [[(t.token, t.logprob) for t in lp.top_logprobs] for lp in r.choices[0].logprobs.content]
+    return numbers, r.usage
+
+
+def test_a_cached_prompt_gives_the_same_numbers_as_a_fresh_one(client):
+    """The prefix cache changes no number of a greedy request: a prompt computed from scratch
+    and the same prompt again, whole chunks of it from the cache, give bit-identical logprobs.
+    Over prompt lengths on both sides of a chunk boundary (PROMPT_CHUNK, 128 tokens)."""
+    nonce = uuid.uuid4().hex[:8]
+    for n in range(0, 40, 3):
+        messages = [{"role": "user", "content": f"{nonce} {n}: {BIRDS} " + " ".join(f"fish {i}" for i in range(n))}]
+        fresh, fresh_usage = probe(client, messages)
+        again, again_usage = probe(client, messages)
+        assert fresh_usage.prompt_tokens_details.cached_tokens == 0
+        assert again_usage.prompt_tokens_details.cached_tokens >= 128
+        assert again == fresh, n
+
+
+def test_a_continued_chat_gives_the_numbers_of_a_fresh_server(client, start_server, smollm2_path):
+    """A greedy chat continued from the cache (its earlier prompt and answer in a slot) gives
+    bit-identical logprobs to the whole conversation sent to a server that never saw it."""
+    first = [{"role": "user", "content": f"{uuid.uuid4().hex[:8]} {BIRDS}. Which one came first?"}]
+    answer = client.chat.completions.create(model=MODEL_ID, messages=first, max_tokens=24, temperature=0,
+                                            extra_headers=NO_CACHE).choices[0].message.content
+    chat_so_far = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the last?"}]
+    continued, usage = probe(client, chat_so_far, max_tokens=4)
+    assert usage.prompt_tokens_details.cached_tokens >= 128
+    fresh_server = start_server(["--model", str(smollm2_path), "--no-demo"])
+    fresh_client = openai.OpenAI(base_url=fresh_server.url, api_key="sk-local", max_retries=0, timeout=120)
+    fresh, fresh_usage = probe(fresh_client, chat_so_far, max_tokens=4)
+    assert fresh_usage.prompt_tokens_details.cached_tokens == 0
+    assert continued == fresh
+
+
 def test_n_choices_run_as_parallel_sequences(client):
     r = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": PROMPTS[0]}],
                                        n=4, max_tokens=16, temperature=0, extra_headers=NO_CACHE)
@@ -89,11 +131,16 @@ def test_prefix_reuse_shows_in_cached_tokens(client):
                                            extra_headers=NO_CACHE)
     history += [{"role": "assistant", "content": first.choices[0].message.content},
                 {"role": "user", "content": "What do I like?"}]
-    second = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=0,
+    # A sampled request reuses every cell that agrees, the first answer's too...
+    second = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=1.0,
                                             extra_headers=NO_CACHE)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= first.usage.prompt_tokens - 1, (cached, first.usage.prompt_tokens)
     assert cached < second.usage.prompt_tokens
+    # ...a greedy one only whole prompt chunks (docs/operations.md, Determinism): none here
+    exact = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=1, temperature=0,
+                                           extra_headers=NO_CACHE)
+    assert exact.usage.prompt_tokens_details.cached_tokens == 0 < first.usage.prompt_tokens < 128
 
 
 def test_an_idle_chat_keeps_its_cache_when_another_request_comes(client):
@@ -104,13 +151,13 @@ def test_an_idle_chat_keeps_its_cache_when_another_request_comes(client):
         chat(client, question, max_tokens=4)
     history += [{"role": "assistant", "content": first.choices[0].message.content},
                 {"role": "user", "content": "What do I collect?"}]
-    second = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=0,
+    second = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=1.0,
                                             extra_headers=NO_CACHE)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1, second.usage
 
 
 def test_a_new_slot_takes_the_prefix_of_a_busy_one(client, server):
-    system = {"role": "system", "content": "You are the test assistant of Shimmy. Answer briefly and kindly. " * 4}
+    system = {"role": "system", "content": "You are the test assistant of Shimmy. Answer briefly and kindly. " * 12}
     question = [system, {"role": "user", "content": "Name a fruit."}]
 
     def ask():
@@ -125,7 +172,8 @@ def test_a_new_slot_takes_the_prefix_of_a_busy_one(client, server):
     finally:
         sock.close()
     assert shared.choices[0].message.content == alone.choices[0].message.content
-    assert shared.usage.prompt_tokens_details.cached_tokens >= alone.usage.prompt_tokens - 12, shared.usage
+    # greedy: whole chunks of the system prompt are copied, the rest computed as alone was
+    assert shared.usage.prompt_tokens_details.cached_tokens >= 128, shared.usage
 
 
 # ------------------------------------------------------------------ one slot, a tiny queue

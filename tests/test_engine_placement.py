@@ -4,7 +4,7 @@ copied cells give the same text is proven on the real model in test_batching.py.
 
 from __future__ import annotations
 
-from shimmy_plugins.gguf_engine import Engine, Job, Slot, copy_worth
+from shimmy_plugins.gguf_engine import Engine, Job, Slot, chunk_end, copy_worth, reusable
 
 
 class Recorder:
@@ -22,15 +22,15 @@ class Recorder:
 
 def engine(slots: list[list[int]], busy: set[int] = frozenset(), n_ctx_seq: int = 8192) -> Engine:
     e = object.__new__(Engine)  # no llama.cpp context: only the placement state
-    e._llama, e._memory, e._worth = Recorder(), None, copy_worth(n_ctx_seq)
+    e._llama, e._memory, e._worth, e._chunk = Recorder(), None, copy_worth(n_ctx_seq), 16
     e._slots = [Slot(i, list(tokens)) for i, tokens in enumerate(slots)]
     for i in busy:
         e._slots[i].job = object.__new__(Job)
     return e
 
 
-def place(e: Engine, prompt: list[int]) -> tuple[int, int]:
-    slot, keep = e._place(prompt, [s for s in e._slots if s.job is None])
+def place(e: Engine, prompt: list[int], exact: bool = False) -> tuple[int, int]:
+    slot, keep = e._place(prompt, [s for s in e._slots if s.job is None], exact=exact)
     return slot.seq, keep
 
 
@@ -98,3 +98,39 @@ def test_the_last_prompt_token_is_always_decoded():
     e = engine([SYSTEM, []])
     assert place(e, SYSTEM) == (0, 39)
     assert e._llama.calls == [("rm", 0, 39, -1)] and e._slots[0].tokens == SYSTEM[:39]
+
+
+# ------------------------------------------------------------------ exact requests (greedy, seeded)
+def test_prompts_are_cut_at_fixed_positions():
+    assert [chunk_end(p, 40, 16) for p in (0, 5, 16, 31, 32, 39)] == [16, 16, 32, 32, 40, 40]
+    assert chunk_end(0, 3, 16) == 3
+
+
+def test_what_an_exact_request_may_reuse():
+    # every agreeing cell for a sampled request, the last prompt token always computed
+    assert reusable(common=50, canon=0, n_prompt=60, exact=False, chunk=16) == 50
+    assert reusable(common=60, canon=0, n_prompt=60, exact=False, chunk=16) == 59
+    # whole chunks only for an exact one: what a fresh prompt would have computed the same way
+    assert reusable(common=50, canon=48, n_prompt=60, exact=True, chunk=16) == 48
+    assert reusable(common=50, canon=20, n_prompt=60, exact=True, chunk=16) == 16
+    assert reusable(common=60, canon=64, n_prompt=60, exact=True, chunk=16) == 48
+    assert reusable(common=64, canon=64, n_prompt=64, exact=True, chunk=16) == 48  # its last chunk again
+    assert reusable(common=5, canon=64, n_prompt=64, exact=True, chunk=16) == 0
+
+
+def test_an_exact_request_takes_whole_chunks_and_no_generated_cells():
+    history = SYSTEM + [1, 2, 3]         # 43 cells: 32 of them in whole chunks, then generated ones
+    e = engine([history, [], []])
+    e._slots[0].canon = 32
+    assert place(e, history + [4, 5], exact=True) == (0, 32)
+    assert e._slots[0].tokens == history[:32] and e._slots[0].canon == 32
+    e = engine([history, [], []])
+    e._slots[0].canon = 32
+    assert place(e, history + [4, 5]) == (0, 43)  # a sampled request reuses them all
+
+
+def test_a_copy_carries_how_much_of_the_donor_is_whole_chunks():
+    e = engine([SYSTEM + [9] * 30, [], []], busy={0}, n_ctx_seq=1024)
+    e._slots[0].canon = 64
+    assert place(e, SYSTEM + [9] * 30 + [1], exact=True) == (1, 64)
+    assert e._slots[1].canon == 64 and e._slots[1].tokens == (SYSTEM + [9] * 30)[:64]

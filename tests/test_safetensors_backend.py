@@ -30,7 +30,7 @@ from shimmy_core.backend import (
 )
 from shimmy_core.discovery import CUSTOM_CODE, UNSUPPORTED, ModelFacts, Scanner, Skip
 from shimmy_core.settings import Settings
-from tests.conftest import safetensors_missing
+from tests.conftest import assert_greedy_agrees, safetensors_missing
 
 pytestmark = pytest.mark.skipif(safetensors_missing() is not None, reason=str(safetensors_missing()))
 
@@ -104,32 +104,42 @@ def test_context_checks_match_gguf(model):
     assert near.max_tokens == 8192 - len(near.tokens)
 
 
-def test_greedy_is_the_same_alone_and_batched(model):
-    alone = [run(model, chat(p, temperature=0, max_tokens=24))[0] for p in PROMPTS]
-    results: dict[int, str] = {}
+def greedy_run(model, prompt: str) -> list[tuple[str, dict[str, float]]]:
+    logprobs = run(model, chat(prompt, temperature=0, max_tokens=24, logprobs=True, top_logprobs=3))[3]
+    return [(lp.token, {t.token: t.logprob for t in lp.top}) for lp in logprobs]
+
+
+def test_greedy_agrees_alone_and_batched(model):
+    """Rows batched together give the text each gives alone, up to, at most, a near tie:
+    torch's CPU kernels do not promise bit-identical numbers across batch shapes."""
+    alone = [greedy_run(model, p) for p in PROMPTS]
+    results: dict[int, list] = {}
     steps = model.engine.steps
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
-        i, run(model, chat(PROMPTS[i], temperature=0, max_tokens=24))[0])) for i in range(4)]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, greedy_run(model, PROMPTS[i])))
+               for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert [results[i] for i in range(4)] == alone
+    for i in range(4):
+        assert_greedy_agrees(alone[i], results[i], margin=0.05)
     assert model.engine.max_rows >= 2 and model.engine.steps - steps < 4 * 24  # rows really shared steps
 
 
 def test_n_choices_run_as_rows_of_one_batch(model):
     prepared = model.prepare(chat(PROMPTS[0], temperature=0, max_tokens=12))
-    params = SamplingParams(temperature=0, max_tokens=12)
-    out: dict[int, str] = {}
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=True, top_logprobs=3)
+    out: dict[int, list] = {}
     finishes: dict[int, str] = {}
     for index, chunk in model.generate_choices([(prepared, params)] * 3, lambda: False):
         if isinstance(chunk, TextDelta):
-            out[index] = out.get(index, "") + chunk.text
+            out.setdefault(index, []).extend((lp.token, {t.token: t.logprob for t in lp.top}) for lp in chunk.logprobs)
         elif isinstance(chunk, Finish):
             finishes[index] = chunk.reason
-    assert set(out) == {0, 1, 2} and len(set(out.values())) == 1 and len(finishes) == 3
-    assert out[0] == run(model, chat(PROMPTS[0], temperature=0, max_tokens=12))[0]
+    assert set(out) == {0, 1, 2} and len(finishes) == 3
+    alone = greedy_run(model, PROMPTS[0])[:12]
+    for index in out:  # rows of one batch: the same as alone, up to at most a near tie
+        assert_greedy_agrees(alone, out[index], margin=0.05)
 
 
 def test_a_grammar_is_refused_not_ignored(model):
