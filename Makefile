@@ -33,6 +33,7 @@ serve: $(STAMP)
 	$(BIN)/shimmy serve
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

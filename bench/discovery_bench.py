@@ -156,10 +156,10 @@ def build_tree(home: Path, files: int) -> int:
 
 
 def catalog(home: Path):
-    from shimmy_core.models import ModelCatalog
+    from shimmy_core.catalog import ModelCatalog
     from shimmy_core.plugin_manager import create_plugin_manager
-    from shimmy_core.registry import build_registry
-    from shimmy_core.settings import Settings
+    from shimmy_core.plugin_registry import build_registry
+    from shimmy_core.contract.settings import Settings
     from shimmy_plugins import huggingface, lmstudio, local_files, ollama
 
     plugins = [("local_files", local_files), ("ollama", ollama), ("huggingface", huggingface), ("lmstudio", lmstudio)]

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from shimmy_core.hookspecs import hookimpl
+from shimmy_core.plugin_api import hookimpl
 
 log = logging.getLogger("shimmy")
 

@@ -10,24 +10,22 @@ import importlib.util
 import os
 from typing import Callable, Iterator, Sequence
 
-from shimmy_core.backend import (
-    ChoicesModel,
-    Chunk,
-    GenerationRequest,
-    InvalidPrompt,
-    ModelLoadError,
-    PreparedPrompt,
-    SamplingParams,
-)
-from shimmy_core.chat_template import (
+from shimmy_core.plugin_api import (
     BUILTIN_TEMPLATES,
     CHATML_FALLBACK,
     ChatTemplate,
-    TemplateError,
+    ChoicesModel,
+    Chunk,
+    GenerationRequest,
+    hookimpl,
+    InvalidPrompt,
+    ModelLoadError,
+    PreparedPrompt,
+    PromptBuilder,
+    SamplingParams,
     template_stop_strings,
+    TemplateError,
 )
-from shimmy_core.hookspecs import hookimpl
-from shimmy_core.prompting import PromptBuilder
 from shimmy_plugins.gguf_engine import Engine
 
 
@@ -134,7 +132,7 @@ class GGUFModel(ChoicesModel):
     def renders_tools(self) -> bool:
         """Tools go through the model's own template when it knows them (Qwen, Llama 3.1...);
         for other templates the core writes them as a generic instruction."""
-        from shimmy_core.tools.prompting import template_supports_tools
+        from shimmy_core.plugin_api import template_supports_tools
 
         return template_supports_tools(self.prompts.template)
 

@@ -30,18 +30,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from shimmy_core.backend import (
+from shimmy_core.plugin_api import (
     Chunk,
     Finish,
     Overloaded,
     PreparedPrompt,
     SamplingParams,
+    StopScanner,
     TextDelta,
     TokenLogprob,
     TopLogprob,
     Usage,
 )
-from shimmy_core.stops import StopScanner
 
 PENALTY_LAST_N = 256
 STREAM_BUFFER = 64             # chunks a job may have waiting for its reader before it pauses

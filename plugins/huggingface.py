@@ -19,9 +19,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-from shimmy_core.discovery import INCOMPLETE, Scanner, Skip, add_named
-from shimmy_core.hookspecs import hookimpl
-from shimmy_core.models import DiscoveryResult
+from shimmy_core.plugin_api import add_named, DiscoveryResult, hookimpl, INCOMPLETE, Scanner, Skip
 
 REPO_PREFIX = "models--"
 REVISION_RE = re.compile(r"^[0-9A-Za-z._-]{1,100}$")

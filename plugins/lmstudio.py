@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shimmy_core.discovery import Found, Scanner, add_named
-from shimmy_core.hookspecs import hookimpl
-from shimmy_core.models import DiscoveryResult
+from shimmy_core.plugin_api import add_named, DiscoveryResult, Found, hookimpl, Scanner
 
 
 def lmstudio_roots(home: Path) -> list[Path]:

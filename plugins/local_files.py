@@ -9,9 +9,16 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from shimmy_core.discovery import Found, ModelFacts, Scanner, add_all, add_named, file_names
-from shimmy_core.hookspecs import hookimpl
-from shimmy_core.models import DiscoveryResult, ModelInfo, SkippedFile
+from shimmy_core.plugin_api import (
+    add_all,
+    add_named,
+    DiscoveryResult,
+    Found,
+    hookimpl,
+    ModelFacts,
+    Scanner,
+    SkippedFile,
+)
 
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -35,7 +42,7 @@ class ModelFiles:
 
 
 class RegisteredModels:
-    """Models registered with ``shimmy add`` (see :mod:`shimmy_core.model_registry`)."""
+    """Models registered with ``shimmy add`` (see :mod:`shimmy_core.registered_models`)."""
 
     name = "registered"
     priority = 10
@@ -45,7 +52,7 @@ class RegisteredModels:
         self.scanner = Scanner()
 
     def discover(self) -> DiscoveryResult:
-        from shimmy_core.model_registry import RegistryError, load_entries, registry_path
+        from shimmy_core.plugin_api import RegistryError, load_entries, registry_path
 
         self.scanner.start_pass()
         result = DiscoveryResult()
@@ -103,15 +110,6 @@ class DemoModel:
             found = Found(path, "", "SmolLM2-135M-Instruct", facts, (path.name, "smollm2"))
             found.add_to(result, self.name, extra={"fallback": True} if isinstance(facts, ModelFacts) else None)
         return result
-
-
-def describe_gguf(path: Path, model_id: str, source: str,
-                  aliases: tuple[str, ...] = ()) -> ModelInfo | SkippedFile:
-    """A :class:`ModelInfo` from a GGUF file's header, or the reason it is not servable."""
-    path = Path(path)
-    result = DiscoveryResult()
-    Found(path, "", model_id, Scanner().gguf(path), aliases or file_names(path)).add_to(result, source, model_id)
-    return (result.models or result.skipped)[0]
 
 
 def demo_model_path() -> Path | None:

@@ -7,7 +7,7 @@ import collections
 import threading
 import time
 
-from shimmy_core.hookspecs import hookimpl
+from shimmy_core.plugin_api import hookimpl
 
 
 class MemoryCache:

@@ -19,20 +19,20 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from shimmy_core.discovery import (
+from shimmy_core.plugin_api import (
     ADAPTER,
     CORRUPT,
+    DiscoveryResult,
+    Found,
+    hookimpl,
     INCOMPLETE,
     MISSING,
-    NOT_A_MODEL,
-    Found,
     ModelFacts,
+    NOT_A_MODEL,
+    read_json,
     Scanner,
     Skip,
-    read_json,
 )
-from shimmy_core.hookspecs import hookimpl
-from shimmy_core.models import DiscoveryResult
 
 MEDIA = "application/vnd.ollama.image."
 MODEL, TEMPLATE, SYSTEM, PARAMS = MEDIA + "model", MEDIA + "template", MEDIA + "system", MEDIA + "params"

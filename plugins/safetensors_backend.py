@@ -19,8 +19,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from shimmy_core.backend import ModelLoadError
-from shimmy_core.hookspecs import hookimpl
+from shimmy_core.plugin_api import hookimpl, ModelLoadError
 
 PIP_FIX = "pip install 'shimmy-server[safetensors]'"
 REQUIRED_MODULES = ("torch", "transformers", "safetensors")
@@ -39,7 +38,7 @@ def check_folder(path: str | Path) -> Path:
     Reads ``config.json``, ``tokenizer_config.json`` and the SafeTensors headers only (through
     :mod:`shimmy_core.discovery`, the rules ``shimmy list`` applies).
     """
-    from shimmy_core.discovery import ModelFacts, Scanner, read_json
+    from shimmy_core.plugin_api import ModelFacts, Scanner, read_json
 
     folder = Path(path)
     if not folder.is_dir():

@@ -5,7 +5,7 @@ Imported only when a SafeTensors model loads (it imports torch).
 
 How a request flows: :meth:`BatchEngine.submit` puts the :class:`Job` of
 every choice of a request (one :class:`Ticket`) in a bounded waiting queue,
-or refuses them all with :class:`~shimmy_core.backend.Overloaded`.  The
+or refuses them all with :class:`~shimmy_core.contract.generation.Overloaded`.  The
 engine thread admits waiting jobs while fewer than ``parallel`` rows run,
 prefills each one alone in chunks (interleaved with decode steps of the
 running rows), samples its first token, and merges its key/value cache into
@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from shimmy_core.backend import BackendError, Overloaded, SamplingParams
+from shimmy_core.plugin_api import BackendError, Overloaded, SamplingParams
 
 PENALTY_LAST_N = 256  # as the GGUF backend
 _IDLE_WAIT_S = 1.0

@@ -24,25 +24,29 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from shimmy_core.backend import (
+from shimmy_core.plugin_api import (
     BackendUnavailable,
+    CHATML_FALLBACK,
+    ChatTemplate,
     ChoicesModel,
     Chunk,
     Finish,
     GenerationRequest,
     InvalidPrompt,
+    human_size,
     ModelLoadError,
     Overloaded,
     PreparedPrompt,
+    PromptBuilder,
     SamplingParams,
+    StopScanner,
+    template_stop_strings,
+    TemplateError,
     TextDelta,
     TokenLogprob,
     TopLogprob,
     Usage,
 )
-from shimmy_core.chat_template import CHATML_FALLBACK, ChatTemplate, TemplateError, template_stop_strings
-from shimmy_core.prompting import PromptBuilder
-from shimmy_core.stops import StopScanner
 from shimmy_plugins.safetensors_engine import BatchEngine, EngineError, Job, Ticket
 from shimmy_plugins.safetensors_text import IncrementalDecoder, TokenPieces
 
@@ -103,13 +107,6 @@ def pick_dtype(requested: str, device: torch.device, config: dict) -> torch.dtyp
 
 
 # ------------------------------------------------------------------ loading
-def _human_bytes(n: int) -> str:
-    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 class LoadProgress:
     """Console lines while a model loads: what and where, a heartbeat every few seconds, the time taken.
     (transformers adds its own progress bar over the weights.)"""
@@ -145,7 +142,7 @@ class LoadProgress:
 
 
 def _read_json(path: Path) -> dict:
-    from shimmy_core.discovery import read_json
+    from shimmy_core.plugin_api import read_json
 
     if not path.is_file():
         return {}
@@ -166,7 +163,7 @@ def load(info, settings) -> "SafeTensorsModel":
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device, config)
     shards = info.extra.get("shards") if isinstance(info.extra, dict) else None
-    size = f"{_human_bytes(info.size_bytes)}, " if info.size_bytes else ""
+    size = f"{human_size(info.size_bytes)}, " if info.size_bytes else ""
     parts = f"{shards} shards, " if isinstance(shards, int) and shards > 1 else ""
     what = f"{info.id} ({size}{parts}{info.path}) on {device} as {str(dtype).removeprefix('torch.')}"
     common: dict[str, Any] = {"trust_remote_code": False, "local_files_only": True}

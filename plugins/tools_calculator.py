@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from shimmy_core.hookspecs import hookimpl
+from shimmy_core.plugin_api import hookimpl
 
 
 class CalculatorTool:
@@ -29,7 +29,7 @@ class CalculatorTool:
     timeout = 5.0
 
     def run(self, arguments: dict) -> str:
-        from shimmy_core.tools.calculator import evaluate, format_number
+        from shimmy_core.plugin_api import evaluate, format_number
 
         return format_number(evaluate(arguments["expression"]))
 

@@ -4,7 +4,7 @@ The checks live in ``shimmy_core.tools.files``."""
 
 from __future__ import annotations
 
-from shimmy_core.hookspecs import hookimpl
+from shimmy_core.plugin_api import hookimpl
 
 
 class FileReadTool:
@@ -27,7 +27,7 @@ class FileReadTool:
         self.reader = None
 
     def configure(self, settings) -> None:
-        from shimmy_core.tools.files import FileReader
+        from shimmy_core.plugin_api import FileReader
 
         roots = tuple(getattr(settings, "tool_roots", ()) or ())
         if not roots:
@@ -36,7 +36,7 @@ class FileReadTool:
         self.unavailable_reason = None
 
     def run(self, arguments: dict) -> str:
-        from shimmy_core.tools.files import FileReader
+        from shimmy_core.plugin_api import FileReader
 
         reader = self.reader or FileReader(())
         return reader.read(arguments["path"])

@@ -4,7 +4,7 @@ Text protocol: ``<tool>http:https://example.com</tool>``."""
 
 from __future__ import annotations
 
-from shimmy_core.hookspecs import hookimpl
+from shimmy_core.plugin_api import hookimpl
 
 
 class HttpRequestTool:
@@ -26,19 +26,19 @@ class HttpRequestTool:
     timeout = 30.0
 
     def __init__(self) -> None:
-        from shimmy_core.tools.http_client import HttpPolicy
+        from shimmy_core.plugin_api import HttpPolicy
 
         self.policy = HttpPolicy()
 
     def configure(self, settings) -> None:
-        from shimmy_core.tools.http_client import HttpPolicy
+        from shimmy_core.plugin_api import HttpPolicy
 
         self.policy = HttpPolicy(allow=tuple(getattr(settings, "tool_http_allow", ()) or ()),
                                  allow_post=bool(getattr(settings, "tool_http_post", False)))
 
     def run(self, arguments: dict) -> str:
-        from shimmy_core.tools.http_client import RequestRefused, fetch
-        from shimmy_core.tools.specs import ToolError
+        from shimmy_core.plugin_api import RequestRefused, fetch
+        from shimmy_core.plugin_api import ToolError
 
         body = arguments.get("body")
         try:

@@ -10,17 +10,26 @@ from typing import Callable, Iterator
 import falcon
 
 from shimmy_core import __version__
-from shimmy_core.backend import Chunk, TextDelta, Usage
+from shimmy_core.contract.generation import Chunk, TextDelta, Usage
 from shimmy_core.lifecycle import RETRY_AFTER_SHUTDOWN_S, Lifecycle, ShuttingDown
 from shimmy_core.metrics import CONTENT_TYPE, Metrics
-from shimmy_core.models import ModelCatalog, ModelInfo, ModelManager
+from shimmy_core.catalog import ModelCatalog, ModelManager
+from shimmy_core.contract.model_info import ModelInfo
 from shimmy_core.openai_api.assemble import collect, stream
 from shimmy_core.openai_api.errors import APIError, invalid, model_not_found
 from shimmy_core.openai_api.requests import ParsedRequest, parse_json, parse_request
 from shimmy_core.openai_api.responses import ResponseBuilder
-from shimmy_core.response_cache import SERVER_TOOLS_FLAG, Recorder, ResponseCache, bypass, cache_key, cacheable, replay
+from shimmy_core.response_cache import (
+    SERVER_TOOLS_FLAG,
+    Recorder,
+    ResponseCache,
+    bypass,
+    cache_key,
+    cacheable,
+    replay,
+)
 from shimmy_core.service import CompletionService
-from shimmy_core.settings import Settings
+from shimmy_core.contract.settings import Settings
 
 
 def model_object(info: ModelInfo, unavailable: str | None = None) -> dict:

@@ -11,13 +11,13 @@ from shimmy_core.api import GenerationResource, HealthResource, MetricsResource,
 from shimmy_core.lifecycle import Lifecycle
 from shimmy_core.metrics import Metrics
 from shimmy_core.middleware import build_middleware
-from shimmy_core.models import ModelCatalog, ModelManager
+from shimmy_core.catalog import ModelCatalog, ModelManager
 from shimmy_core.openai_api.errors import add_error_handlers
 from shimmy_core.plugin_manager import ShimmyPluginManager, create_plugin_manager
-from shimmy_core.registry import Registry, build_registry
+from shimmy_core.plugin_registry import Registry, build_registry
 from shimmy_core.response_cache import OFF, ResponseCache
 from shimmy_core.service import CompletionService
-from shimmy_core.settings import Settings, SettingsError
+from shimmy_core.contract.settings import Settings, SettingsError
 from shimmy_core.tools.toolbox import ToolBox
 
 DEFAULT_CACHE = "memory"

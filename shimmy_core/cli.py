@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from shimmy_core import __version__
-from shimmy_core.settings import DEFAULT_PORT
+from shimmy_core.contract.settings import DEFAULT_PORT
+from shimmy_core.formatting import human_size
 
 
 def _add_tool_flags(parser: argparse.ArgumentParser) -> None:
@@ -134,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace):
-    from shimmy_core.settings import Settings
+    from shimmy_core.contract.settings import Settings
 
     flags = {k: v for k, v in vars(args).items() if k != "command"}
     return Settings.load(flags)
@@ -180,9 +181,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ models
 def _catalog(args: argparse.Namespace):
-    from shimmy_core.models import ModelCatalog
+    from shimmy_core.catalog import ModelCatalog
     from shimmy_core.plugin_manager import create_plugin_manager
-    from shimmy_core.registry import build_registry
+    from shimmy_core.plugin_registry import build_registry
 
     settings = _settings(args)
     pm = create_plugin_manager(settings.disable_plugins)
@@ -202,15 +203,6 @@ def human_count(n: int | None) -> str:
             value = n / scale
             return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
     return str(n)
-
-
-def human_size(n: int | None) -> str:
-    if not n:
-        return "-"
-    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def human_context(n: int | None) -> str:
@@ -266,7 +258,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from shimmy_core import model_registry
+    from shimmy_core import registered_models as model_registry
 
     settings = _settings(args)
     try:
@@ -279,7 +271,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from shimmy_core import model_registry
+    from shimmy_core import registered_models as model_registry
 
     settings = _settings(args)
     try:
@@ -325,7 +317,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
     import time
 
     from shimmy_core.app import build
-    from shimmy_core.backend import BackendError, Finish, GenerationRequest, SamplingParams, TextDelta, Usage
+    from shimmy_core.contract.generation import (
+        BackendError,
+        Finish,
+        GenerationRequest,
+        SamplingParams,
+        TextDelta,
+        Usage,
+    )
 
     shimmy = build(_settings(args))
     info = shimmy.catalog.get(args.name)
@@ -378,7 +377,7 @@ def cmd_tools(args: argparse.Namespace) -> int:
     import json
 
     from shimmy_core.plugin_manager import create_plugin_manager
-    from shimmy_core.registry import build_registry
+    from shimmy_core.plugin_registry import build_registry
     from shimmy_core.tools.toolbox import ToolBox
 
     settings = _settings(args)
@@ -414,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         parser.print_help()
         return 0
-    from shimmy_core.settings import SettingsError
+    from shimmy_core.contract.settings import SettingsError
 
     try:
         return command(args)

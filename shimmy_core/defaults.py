@@ -3,7 +3,7 @@ that any plugin can override it."""
 
 from __future__ import annotations
 
-from shimmy_core.hookspecs import hookimpl
+from shimmy_core.contract.hookspecs import hookimpl
 
 
 @hookimpl(trylast=True)

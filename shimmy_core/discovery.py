@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from shimmy_core.gguf_header import GGUFError, GGUFHeader, read_gguf_header
-from shimmy_core.models import DiscoveryResult, ModelInfo, SkippedFile
+from shimmy_core.contract.model_info import DiscoveryResult, ModelInfo, SkippedFile
 from shimmy_core.safetensors_header import SafeTensorsError, SafeTensorsHeader, read_safetensors_header
 
 MAX_DEPTH = 6
@@ -270,7 +270,7 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
 
 class Scanner:
     """Reads model headers (cached) and walks folders.  One per source; not shared between threads
-    except through :class:`shimmy_core.models.ModelCatalog`, which refreshes one source at a time."""
+    except through :class:`shimmy_core.catalog.ModelCatalog`, which refreshes one source at a time."""
 
     def __init__(self, max_depth: int = MAX_DEPTH, max_entries: int = MAX_ENTRIES):
         self.max_depth = max_depth

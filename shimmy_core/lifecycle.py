@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 
-from shimmy_core.backend import Overloaded
+from shimmy_core.contract.generation import Overloaded
 
 # What a client refused during a shutdown is told to wait: about one restart.
 RETRY_AFTER_SHUTDOWN_S = 5

@@ -34,13 +34,13 @@ from shimmy_core.openai_api.errors import APIError
 
 if TYPE_CHECKING:  # pragma: no cover
     from shimmy_core.metrics import Metrics
-    from shimmy_core.settings import Settings
+    from shimmy_core.contract.settings import Settings
 
 access_log = logging.getLogger("shimmy.access")
 
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 OPEN_ROUTES = ("/health",)                      # never behind the API key
-_ROUTES = ("/health", "/metrics", "/v1/models", *GENERATION_ROUTES)
+_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/tools", *GENERATION_ROUTES)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _TOKEN_LIST = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*$")
 EXPOSED_HEADERS = "X-Request-Id, X-Shimmy-Cache, Retry-After"

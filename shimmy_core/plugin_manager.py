@@ -13,7 +13,8 @@ from typing import Iterable
 
 import pluggy
 
-from shimmy_core import defaults, hookspecs
+from shimmy_core import defaults
+from shimmy_core.contract import hookspecs
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from shimmy_core.backend import (
+from shimmy_core.contract.generation import (
     Chunk,
     Finish,
     GenerationRequest,
@@ -23,11 +23,12 @@ from shimmy_core.backend import (
     TextDelta,
     Usage,
 )
-from shimmy_core.models import ModelCatalog, ModelInfo, ModelManager
+from shimmy_core.catalog import ModelCatalog, ModelManager
+from shimmy_core.contract.model_info import ModelInfo
 from shimmy_core.openai_api.errors import invalid, model_not_found
 from shimmy_core.openai_api.requests import ParsedRequest
-from shimmy_core.settings import Settings
-from shimmy_core.tools import prompting
+from shimmy_core.contract.settings import Settings
+from shimmy_core.tools import tool_prompts as prompting
 from shimmy_core.tools.loop import ToolPlan, ToolRequestError, with_tool_calls
 from shimmy_core.tools.toolbox import ToolBox
 

@@ -19,11 +19,12 @@ import pytest
 
 from shimmy_core import discovery
 from shimmy_core.discovery import Scanner, parse_size_label, repo_names
-from shimmy_core.models import DiscoveryResult, ModelCatalog, ModelInfo, SkippedFile
+from shimmy_core.catalog import ModelCatalog
+from shimmy_core.contract.model_info import DiscoveryResult, ModelInfo, SkippedFile
 from shimmy_core.plugin_manager import create_plugin_manager
-from shimmy_core.registry import build_registry
+from shimmy_core.plugin_registry import build_registry
 from shimmy_core.safetensors_header import SafeTensorsError, read_safetensors_header
-from shimmy_core.settings import Settings
+from shimmy_core.contract.settings import Settings
 from shimmy_plugins import huggingface, lmstudio, local_files, ollama
 
 SOURCE_PLUGINS = [("local_files", local_files), ("ollama", ollama), ("huggingface", huggingface),
@@ -755,7 +756,7 @@ def test_size_label_parsing():
 
 # ------------------------------------------------------------------ shimmy add / remove (the registry file)
 def test_registry_add_remove_round_trip(tmp_path, use_env):
-    from shimmy_core import model_registry
+    from shimmy_core import registered_models as model_registry
 
     home = tmp_path / ".shimmy"
     one = write_gguf(tmp_path / "elsewhere" / "one.Q4_K_M.gguf")

@@ -20,17 +20,25 @@ import openai
 import pytest
 
 from shimmy_core.app import build, create_app
-from shimmy_core.backend import Finish, GenerationRequest, PreparedPrompt, SamplingParams, TextDelta, ToolCallDelta, Usage
+from shimmy_core.contract.generation import (
+    Finish,
+    GenerationRequest,
+    PreparedPrompt,
+    SamplingParams,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from shimmy_core.chat_template import CHATML_FALLBACK, ChatTemplate
-from shimmy_core.hookspecs import hookimpl
-from shimmy_core.models import DiscoveryResult, ModelInfo
+from shimmy_core.contract.hookspecs import hookimpl
+from shimmy_core.contract.model_info import DiscoveryResult, ModelInfo
 from shimmy_core.openai_api.requests import parse_request
 from shimmy_core.plugin_manager import create_plugin_manager
 from shimmy_core.service import CompletionService
-from shimmy_core.settings import Settings
+from shimmy_core.contract.settings import Settings
 from shimmy_core.stops import StopScanner
 from shimmy_core.tools.calls import ToolCallParser, parse_text
-from shimmy_core.tools.prompting import render_chat, template_supports_tools
+from shimmy_core.tools.tool_prompts import render_chat, template_supports_tools
 from tests.conftest import MODEL_ID
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import falcon.testing
 import pytest
 
 from shimmy_core.app import build, create_app
-from shimmy_core.backend import (
+from shimmy_core.contract.generation import (
     ContextLengthExceeded,
     Finish,
     GenerationRequest,
@@ -26,10 +26,10 @@ from shimmy_core.backend import (
     TopLogprob,
     Usage,
 )
-from shimmy_core.hookspecs import hookimpl
-from shimmy_core.models import DiscoveryResult, ModelInfo
+from shimmy_core.contract.hookspecs import hookimpl
+from shimmy_core.contract.model_info import DiscoveryResult, ModelInfo
 from shimmy_core.plugin_manager import create_plugin_manager
-from shimmy_core.settings import Settings
+from shimmy_core.contract.settings import Settings
 from shimmy_core.stops import StopScanner
 
 MODEL = "fake"

@@ -15,14 +15,23 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shimmy_core.app import build, create_app
-from shimmy_core.backend import Finish, GenerationRequest, Overloaded, PreparedPrompt, SamplingParams, TextDelta, Usage
-from shimmy_core.hookspecs import hookimpl
+from shimmy_core.contract.generation import (
+    Finish,
+    GenerationRequest,
+    Overloaded,
+    PreparedPrompt,
+    SamplingParams,
+    TextDelta,
+    Usage,
+)
+from shimmy_core.contract.hookspecs import hookimpl
 from shimmy_core.lifecycle import ShuttingDown
-from shimmy_core.models import ModelInfo, ModelManager
+from shimmy_core.catalog import ModelManager
+from shimmy_core.contract.model_info import ModelInfo
 from shimmy_core.plugin_manager import create_plugin_manager
-from shimmy_core.registry import build_registry
+from shimmy_core.plugin_registry import build_registry
 from shimmy_core.server import server_connections, server_threads
-from shimmy_core.settings import Settings
+from shimmy_core.contract.settings import Settings
 from tests.conftest import wait_for
 from tests.test_openai_api import HI, MODEL, FakePlugin, Harness, assert_error
 

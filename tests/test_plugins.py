@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from shimmy_core import hookspecs
-from shimmy_core.backend import BackendUnavailable
-from shimmy_core.hookspecs import hookimpl
-from shimmy_core.models import ModelInfo, ModelManager
+from shimmy_core.contract import hookspecs
+from shimmy_core.contract.generation import BackendUnavailable
+from shimmy_core.contract.hookspecs import hookimpl
+from shimmy_core.catalog import ModelManager
+from shimmy_core.contract.model_info import ModelInfo
 from shimmy_core.plugin_manager import create_plugin_manager
-from shimmy_core.registry import DuplicateNameError, build_registry
-from shimmy_core.settings import DEFAULT_PORT, Settings
+from shimmy_core.plugin_registry import DuplicateNameError, build_registry
+from shimmy_core.contract.settings import DEFAULT_PORT, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -112,7 +113,7 @@ def model(fmt: str, model_id: str = "m") -> ModelInfo:
 
 # ------------------------------------------------------------------ meta-tests: docs and tests
 def test_hookspecs_are_found():
-    assert HOOK_NAMES, "no shimmy_* hookspec found in shimmy_core.hookspecs"
+    assert HOOK_NAMES, "no shimmy_* hookspec found in shimmy_core.contract.hookspecs"
     assert "shimmy_register_backends" in HOOK_NAMES
     assert "shimmy_backend_for_model" in HOOK_NAMES
 
@@ -362,7 +363,7 @@ def broken_site(tmp_path, monkeypatch):
     (info / "entry_points.txt").write_text("[shimmy]\nbroken = broken_plugin\ntypo = broken_plugin_typo\n")
     (site / "broken_plugin.py").write_text('raise RuntimeError("broken_plugin exploded on import")\n')
     (site / "broken_plugin_typo.py").write_text(
-        "from shimmy_core.hookspecs import hookimpl\n\n"
+        "from shimmy_core.contract.hookspecs import hookimpl\n\n"
         "@hookimpl\n"
         "def shimmy_register_tool(register):\n"
         "    pass\n"
@@ -480,8 +481,8 @@ HELLO_REPORT = """
 import json
 from jsonschema import Draft202012Validator
 from shimmy_core.plugin_manager import create_plugin_manager
-from shimmy_core.registry import build_registry
-from shimmy_core.settings import Settings
+from shimmy_core.plugin_registry import build_registry
+from shimmy_core.contract.settings import Settings
 
 pm = create_plugin_manager()
 registry = build_registry(pm, Settings.load({}, {}))
@@ -619,8 +620,8 @@ LIGHT_START = {
     ),
     "plugins": (
         "from shimmy_core.plugin_manager import create_plugin_manager\n"
-        "from shimmy_core.registry import build_registry\n"
-        "from shimmy_core.settings import Settings\n"
+        "from shimmy_core.plugin_registry import build_registry\n"
+        "from shimmy_core.contract.settings import Settings\n"
         "pm = create_plugin_manager()\n"
         "assert 'gguf' in pm.report.loaded, pm.report.failed\n"
         "build_registry(pm, Settings.load({}, {}))\n"

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from shimmy_core.settings import Settings
+from shimmy_core.contract.settings import Settings
 from tests.conftest import server_env
 
 # Runs inside the server before it starts: Python's audit hooks see every socket connect,
@@ -147,7 +147,7 @@ def calculator_missing() -> str | None:
     from dataclasses import fields
 
     from shimmy_core.plugin_manager import create_plugin_manager
-    from shimmy_core.registry import build_registry
+    from shimmy_core.plugin_registry import build_registry
 
     if "enable_tools" not in {f.name for f in fields(Settings)}:
         return "the server-side tools (issue 6) are not there: no enable_tools setting"

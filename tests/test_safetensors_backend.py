@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shimmy_core.backend import (
+from shimmy_core.contract.generation import (
     BackendUnavailable,
     ContextLengthExceeded,
     Finish,
@@ -29,7 +29,7 @@ from shimmy_core.backend import (
     Usage,
 )
 from shimmy_core.discovery import CUSTOM_CODE, UNSUPPORTED, ModelFacts, Scanner, Skip
-from shimmy_core.settings import Settings
+from shimmy_core.contract.settings import Settings
 from tests.conftest import assert_greedy_agrees, safetensors_missing
 
 pytestmark = pytest.mark.skipif(safetensors_missing() is not None, reason=str(safetensors_missing()))

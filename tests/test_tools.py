@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from shimmy_core.hookspecs import hookimpl
+from shimmy_core.contract.hookspecs import hookimpl
 from shimmy_core.plugin_manager import create_plugin_manager
-from shimmy_core.registry import build_registry
-from shimmy_core.settings import Settings
+from shimmy_core.plugin_registry import build_registry
+from shimmy_core.contract.settings import Settings
 from shimmy_core.tools import schemas
 from shimmy_core.tools.calculator import CalculatorError, evaluate, format_number
 from shimmy_core.tools.files import FileReader, FileRefused

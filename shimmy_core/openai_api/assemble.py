@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterable, Iterator
 
-from shimmy_core.backend import Chunk, Finish, TextDelta, ToolCallDelta, ToolExecuted, Usage
+from shimmy_core.contract.generation import Chunk, Finish, TextDelta, ToolCallDelta, ToolExecuted, Usage
 from shimmy_core.openai_api import sse
 from shimmy_core.openai_api.errors import from_exception
 from shimmy_core.openai_api.responses import ChoiceState, ResponseBuilder, executed_body

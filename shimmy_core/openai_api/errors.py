@@ -9,7 +9,7 @@ import traceback
 
 import falcon
 
-from shimmy_core.backend import BackendUnavailable, InvalidPrompt, ModelLoadError, Overloaded
+from shimmy_core.contract.generation import BackendUnavailable, InvalidPrompt, ModelLoadError, Overloaded
 
 log = logging.getLogger("shimmy")
 

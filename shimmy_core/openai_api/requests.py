@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from shimmy_core.backend import GenerationRequest, SamplingParams
+from shimmy_core.contract.generation import GenerationRequest, SamplingParams
 from shimmy_core.openai_api.errors import APIError, invalid
 from shimmy_core.tools.loop import RequestedTool, ToolRequest
 

@@ -5,7 +5,7 @@
 - :mod:`~shimmy_core.tools.grammar`: JSON Schema to GBNF (the subset that a grammar can
   enforce; anything else is :class:`~shimmy_core.tools.grammar.UnsupportedSchema`).
 - :mod:`~shimmy_core.tools.calls`: tool calls recognised in a model's text, streamed or not.
-- :mod:`~shimmy_core.tools.prompting`: tools and tool messages into a chat template, or into the
+- :mod:`~shimmy_core.tools.tool_prompts`: tools and tool messages into a chat template, or into the
   messages as text for templates that know no tools.
 - :mod:`~shimmy_core.tools.toolbox`: the registered tools, which ones the server may run, and
   running them with validated arguments.

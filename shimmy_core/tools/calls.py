@@ -28,7 +28,7 @@ import string
 from dataclasses import dataclass
 from typing import Collection
 
-from shimmy_core.backend import Chunk, TextDelta, ToolCallDelta
+from shimmy_core.contract.generation import Chunk, TextDelta, ToolCallDelta
 
 _START_MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "```json", "```")
 _BETWEEN_MARKERS = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "```json", "```", "[ARGS]")

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from shimmy_core.backend import (
+from shimmy_core.contract.generation import (
     Chunk,
     Finish,
     GenerationRequest,
@@ -30,7 +30,7 @@ from shimmy_core.backend import (
     ToolCallDelta,
     ToolExecuted,
 )
-from shimmy_core.tools import prompting
+from shimmy_core.tools import tool_prompts as prompting
 from shimmy_core.tools.calls import TEXT_TOOL_CLOSE, ToolCallParser, new_call_id
 from shimmy_core.tools.grammar import GrammarBuilder, UnsupportedSchema
 from shimmy_core.tools.toolbox import ToolBox

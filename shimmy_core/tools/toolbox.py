@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from shimmy_core.settings import SettingsError
+from shimmy_core.contract.settings import SettingsError
 from shimmy_core.tools import schemas, specs
 from shimmy_core.tools.specs import ToolError
 

@@ -1,6 +1,6 @@
 """A minimal Shimmy plugin: registers one tool, ``hello``, that greets someone."""
 
-from shimmy_core.hookspecs import hookimpl
+from shimmy_core.plugin_api import hookimpl
 
 
 class HelloTool:

@@ -1,13 +1,13 @@
-"""shimmy_core.prompting: the one place that renders, tokenizes and budgets prompts."""
+"""shimmy_core.prompt_builder: the one place that renders, tokenizes and budgets prompts."""
 
 from __future__ import annotations
 
 import pytest
 
-from shimmy_core.backend import ContextLengthExceeded, GenerationRequest, SamplingParams
+from shimmy_core.contract.generation import ContextLengthExceeded, GenerationRequest, SamplingParams
 from shimmy_core.chat_template import CHATML_FALLBACK, ChatTemplate
-from shimmy_core.prompting import PromptBuilder
-from shimmy_core.tools.prompting import template_supports_tools
+from shimmy_core.prompt_builder import PromptBuilder
+from shimmy_core.tools.tool_prompts import template_supports_tools
 
 TOOL_AWARE = (
     "{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}</tools>{% endif %}"

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from shimmy_core.backend import Backend
-    from shimmy_core.models import DiscoverySource, ModelInfo
-    from shimmy_core.settings import Settings
+    from shimmy_core.contract.generation import Backend
+    from shimmy_core.contract.model_info import DiscoverySource, ModelInfo
+    from shimmy_core.contract.settings import Settings
 
 PROJECT = "shimmy"
 
@@ -30,7 +30,7 @@ def shimmy_register_backends(register: Callable[["Backend"], None]) -> None:
     Call ``register(backend)`` for each backend this plugin provides.  A backend
     has a unique ``name``, the model ``formats`` it serves (``"gguf"``,
     ``"safetensors"``...) and loads models into objects that generate neutral
-    chunks (see :mod:`shimmy_core.backend`).  Backends never see HTTP.
+    chunks (see :mod:`shimmy_core.contract.generation`).  Backends never see HTTP.
     """
 
 
@@ -42,7 +42,7 @@ def shimmy_register_sources(
 
     Call ``register(source)`` for each place this plugin knows how to look for
     models.  A source has a unique ``name`` and a ``discover()`` method returning
-    :class:`shimmy_core.models.ModelInfo` objects (and skipped files with their
+    :class:`shimmy_core.contract.model_info.ModelInfo` objects (and skipped files with their
     reasons).  ``settings`` carries ``--model``/``--model-dir`` and friends.
     """
 

@@ -7,7 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from shimmy_core.backend import ContextLengthExceeded, GenerationRequest, InvalidPrompt, PreparedPrompt
+from shimmy_core.contract.generation import (
+    ContextLengthExceeded,
+    GenerationRequest,
+    InvalidPrompt,
+    PreparedPrompt,
+)
 from shimmy_core.chat_template import ChatTemplate, TemplateError
 
 
@@ -31,8 +36,8 @@ class PromptBuilder:
 
     def render(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
         """The chat prompt; ``tools`` go through the template's own ``tools`` variable when it
-        knows tools, else as a generic instruction (``shimmy_core.tools.prompting``)."""
-        from shimmy_core.tools.prompting import render_chat
+        knows tools, else as a generic instruction (``shimmy_core.tools.tool_prompts``)."""
+        from shimmy_core.tools.tool_prompts import render_chat
 
         messages = [dict(m) for m in messages]
         if self.default_system and not any(m["role"] == "system" for m in messages):

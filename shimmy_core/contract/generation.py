@@ -12,11 +12,11 @@ wire format.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence, Union, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence, Union, runtime_checkable
 
-if False:  # pragma: no cover - typing only, avoids an import cycle
-    from shimmy_core.models import ModelInfo
-    from shimmy_core.settings import Settings
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from shimmy_core.contract.model_info import ModelInfo
+    from shimmy_core.contract.settings import Settings
 
 
 # ---------------------------------------------------------------- errors
@@ -169,7 +169,7 @@ class LoadedModel(Protocol):
     context_length: int
 
     # A model whose prepare() passes ``request.tools`` to its chat template and renders
-    # assistant ``tool_calls`` and ``tool`` messages itself (shimmy_core.tools.prompting.render_chat
+    # assistant ``tool_calls`` and ``tool`` messages itself (shimmy_core.tools.tool_prompts.render_chat
     # does both) sets ``renders_tools = True``.  Without it the core writes the tools, the calls
     # and their results into the messages as text, and leaves ``request.tools`` empty.
     #

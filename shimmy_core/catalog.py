@@ -1,5 +1,6 @@
-"""Models: what discovery sources find (:class:`ModelInfo`), the catalog that
-names them, and the manager that loads each one once and shares it."""
+"""The models being served: the catalog that names what the discovery sources found
+(:class:`~shimmy_core.contract.model_info.ModelInfo`), and the manager that loads each one
+once and shares it."""
 
 from __future__ import annotations
 
@@ -10,76 +11,19 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, runtime_checkable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from shimmy_core.backend import BackendUnavailable, InvalidPrompt, LoadedModel, Overloaded
+from shimmy_core.contract.generation import BackendUnavailable, InvalidPrompt, LoadedModel, Overloaded
+from shimmy_core.contract.model_info import DEFAULT_PRIORITY, DiscoverySource, ModelInfo, SkippedFile
 
 if TYPE_CHECKING:  # pragma: no cover
     from shimmy_core.lifecycle import Lifecycle
     from shimmy_core.plugin_manager import ShimmyPluginManager
-    from shimmy_core.registry import Registry
-    from shimmy_core.settings import Settings
+    from shimmy_core.plugin_registry import Registry
+    from shimmy_core.contract.settings import Settings
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """A servable model, described without loading it."""
-
-    id: str
-    path: str
-    format: str                          # "gguf", "safetensors", ...
-    source: str                          # name of the discovery source
-    created: int = 0                     # file modification time (unix seconds)
-    owned_by: str = "local"
-    size_bytes: int = 0
-    context_length: int | None = None
-    architecture: str | None = None
-    quantization: str | None = None
-    parameters: int | None = None
-    aliases: tuple[str, ...] = ()        # other names a request may use (file name, ...)
-    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-
-    def describe(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("extra")
-        data.pop("aliases")
-        return data
-
-
-@dataclass(frozen=True)
-class SkippedFile:
-    """A file a source saw but will not serve, and why.
-
-    ``category`` groups reasons (``adapter``, ``projector``, ``incomplete``...; see
-    :mod:`shimmy_core.discovery`); ``name`` is the name the source would have used, if any.
-    """
-
-    path: str
-    reason: str
-    source: str = ""
-    category: str = ""
-    name: str = ""
-
-
-@dataclass
-class DiscoveryResult:
-    models: list[ModelInfo] = field(default_factory=list)
-    skipped: list[SkippedFile] = field(default_factory=list)
-
-
-@runtime_checkable
-class DiscoverySource(Protocol):
-    """A place to look for models.  An optional ``priority`` (int, lower first, default
-    ``DEFAULT_PRIORITY``) decides who keeps a bare name that two sources both use."""
-
-    name: str
-
-    def discover(self) -> DiscoveryResult:
-        """Look for models now; must be fast and must not load any model."""
-
-
-DEFAULT_PRIORITY = 60
 
 
 @dataclass(frozen=True)

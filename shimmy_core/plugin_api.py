@@ -1,0 +1,93 @@
+"""Everything a Shimmy plugin may use, in one module.
+
+A plugin, built in (``plugins/``) or installed with pip, imports from here and from nowhere
+else in Shimmy: the hook marker, the types the hooks exchange (:mod:`shimmy_core.contract`),
+and the shared mechanisms a backend or a discovery source builds on (chat templates, prompt
+building, stop strings, file scanning, the tool runtime).  What is not named here is
+internal and may change without notice; an import-linter contract in ``pyproject.toml``
+keeps the built-in plugins to this module.
+"""
+
+from __future__ import annotations
+
+from shimmy_core.chat_template import (
+    BUILTIN_TEMPLATES,
+    CHATML_FALLBACK,
+    ChatTemplate,
+    TemplateError,
+    template_stop_strings,
+)
+from shimmy_core.contract.generation import (
+    Backend,
+    BackendError,
+    BackendUnavailable,
+    ChoicesModel,
+    Chunk,
+    ContextLengthExceeded,
+    Finish,
+    GenerationRequest,
+    InvalidPrompt,
+    LoadedModel,
+    ModelLoadError,
+    Overloaded,
+    PreparedPrompt,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+    ToolCallDelta,
+    ToolExecuted,
+    TopLogprob,
+    Usage,
+)
+from shimmy_core.contract.hookspecs import PROJECT, hookimpl
+from shimmy_core.contract.model_info import (
+    DEFAULT_PRIORITY,
+    DiscoveryResult,
+    DiscoverySource,
+    ModelInfo,
+    SkippedFile,
+)
+from shimmy_core.contract.settings import Settings
+from shimmy_core.discovery import (
+    ADAPTER,
+    CORRUPT,
+    INCOMPLETE,
+    MISSING,
+    NOT_A_MODEL,
+    Found,
+    ModelFacts,
+    Scanner,
+    Skip,
+    add_all,
+    add_named,
+    file_names,
+    read_json,
+)
+from shimmy_core.formatting import human_size
+from shimmy_core.prompt_builder import PromptBuilder
+from shimmy_core.registered_models import RegistryError, load_entries, registry_path
+from shimmy_core.stops import StopScanner
+from shimmy_core.tools.calculator import evaluate, format_number
+from shimmy_core.tools.files import FileReader
+from shimmy_core.tools.http_client import HttpPolicy, RequestRefused, fetch
+from shimmy_core.tools.specs import ToolError
+from shimmy_core.tools.tool_prompts import template_supports_tools
+
+__all__ = [
+    # hooks
+    "PROJECT", "hookimpl",
+    # models and discovery
+    "DEFAULT_PRIORITY", "DiscoveryResult", "DiscoverySource", "ModelInfo", "SkippedFile",
+    "ADAPTER", "CORRUPT", "INCOMPLETE", "MISSING", "NOT_A_MODEL", "Found", "ModelFacts", "Scanner", "Skip",
+    "add_all", "add_named", "file_names", "read_json", "RegistryError", "load_entries", "registry_path",
+    # backends: requests, chunks, errors
+    "Backend", "LoadedModel", "ChoicesModel", "GenerationRequest", "SamplingParams", "PreparedPrompt", "Chunk",
+    "TextDelta", "Finish", "Usage", "TokenLogprob", "TopLogprob", "ToolCallDelta", "ToolExecuted",
+    "BackendError", "BackendUnavailable", "ContextLengthExceeded", "InvalidPrompt", "ModelLoadError", "Overloaded",
+    "Settings",
+    # prompts
+    "BUILTIN_TEMPLATES", "CHATML_FALLBACK", "ChatTemplate", "TemplateError", "template_stop_strings",
+    "PromptBuilder", "StopScanner", "template_supports_tools", "human_size",
+    # tools
+    "FileReader", "HttpPolicy", "RequestRefused", "ToolError", "evaluate", "fetch", "format_number",
+]

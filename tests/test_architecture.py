@@ -1,0 +1,63 @@
+"""The layout the import-linter contracts in pyproject.toml enforce, and what they cannot say:
+that their module lists name every module of the core, and that no import cycle exists."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTRACTS = {c["name"]: c for c in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]}
+
+
+def core_modules() -> set[str]:
+    """The top-level modules and packages of shimmy_core, as import-linter names them."""
+    found = set()
+    for path in (ROOT / "shimmy_core").iterdir():
+        if path.name.startswith("_") and path.name != "__main__.py":
+            continue
+        if path.suffix == ".py" or (path.is_dir() and (path / "__init__.py").exists()):
+            found.add(f"shimmy_core.{path.stem}")
+    return found
+
+
+def architecture_stats():
+    spec = importlib.util.spec_from_file_location("architecture_stats", ROOT / "scripts" / "architecture_stats.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_contract_package_may_import_no_other_core_module():
+    [contract] = [c for c in CONTRACTS.values() if c.get("source_modules") == ["shimmy_core.contract"]]
+    assert set(contract["forbidden_modules"]) == core_modules() - {"shimmy_core.contract"} | {"shimmy_plugins"}
+
+
+def test_plugins_may_import_only_the_plugin_api():
+    [contract] = [c for c in CONTRACTS.values() if c.get("source_modules") == ["shimmy_plugins"]]
+    assert set(contract["forbidden_modules"]) == core_modules() - {"shimmy_core.plugin_api"}
+
+
+def test_every_core_module_has_its_layer():
+    [layers] = [c for c in CONTRACTS.values() if c["type"] == "layers"]
+    named = {m.strip() for layer in layers["layers"] for m in layer.replace(":", "|").split("|")}
+    assert named == core_modules() - {"shimmy_core.__main__"}
+
+
+def test_no_import_cycles():
+    stats = architecture_stats()
+    mods = stats.modules()
+    graph = {name: stats.imports(name, path, set(mods)) for name, path in mods.items()}
+    assert stats.cycles(graph) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("importlinter") is None, reason="the test extra installs import-linter")
+def test_the_contracts_hold():
+    lint = Path(sys.executable).with_name("lint-imports")
+    r = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
