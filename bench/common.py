@@ -17,8 +17,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shimmy_plugins.gguf import engine_threads  # noqa: E402
-from shimmy_plugins.local_files import demo_model_path  # noqa: E402,F401  (re-exported)
+from shimmy_plugins.backends.gguf.gguf_backend import engine_threads  # noqa: E402
+from shimmy_plugins.sources.local_files import demo_model_path  # noqa: E402,F401  (re-exported)
 
 EOS_ID = 2  # SmolLM2's <|im_end|>: banned with logit_bias so every run generates the same length
 NO_CACHE = {"Cache-Control": "no-cache"}  # measure generation, not the response cache (also --no-cache)

@@ -160,7 +160,10 @@ def catalog(home: Path):
     from shimmy_core.plugin_manager import create_plugin_manager
     from shimmy_core.plugin_registry import build_registry
     from shimmy_core.contract.settings import Settings
-    from shimmy_plugins import huggingface, lmstudio, local_files, ollama
+    from shimmy_plugins.sources import huggingface
+    from shimmy_plugins.sources import lmstudio
+    from shimmy_plugins.sources import local_files
+    from shimmy_plugins.sources import ollama
 
     plugins = [("local_files", local_files), ("ollama", ollama), ("huggingface", huggingface), ("lmstudio", lmstudio)]
     pm = create_plugin_manager(load_entry_points=False, extra_plugins=plugins)

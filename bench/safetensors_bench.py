@@ -40,7 +40,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import free_port, rss_mb  # noqa: E402
-from shimmy_plugins.local_files import demo_model_path  # noqa: E402
+from shimmy_plugins.sources.local_files import demo_model_path  # noqa: E402
 from tests.conftest import SAFETENSORS_MODEL_ID, cached_safetensors_model  # noqa: E402
 
 EOS_ID = 2

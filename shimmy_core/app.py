@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import falcon
 
-from shimmy_core.api import GenerationResource, HealthResource, MetricsResource, ModelsResource, ToolsResource
+from shimmy_core.http.resources import GenerationResource, HealthResource, MetricsResource, ModelsResource, ToolsResource
 from shimmy_core.lifecycle import Lifecycle
 from shimmy_core.metrics import Metrics
-from shimmy_core.middleware import build_middleware
+from shimmy_core.http.middleware import build_middleware
 from shimmy_core.catalog import ModelCatalog, ModelManager
 from shimmy_core.openai_api.errors import add_error_handlers
 from shimmy_core.plugin_manager import ShimmyPluginManager, create_plugin_manager

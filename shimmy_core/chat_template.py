@@ -91,7 +91,7 @@ _TEXT = (
 )
 
 # Prompt formats for models whose file carries no template but whose family is known
-# (Ollama's template layer names it: see plugins/ollama.py).
+# (Ollama's template layer names it: see plugins/sources/ollama.py).
 BUILTIN_TEMPLATES: dict[str, str] = {
     "chatml": CHATML_FALLBACK,
     "llama3": (

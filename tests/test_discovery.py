@@ -25,7 +25,10 @@ from shimmy_core.plugin_manager import create_plugin_manager
 from shimmy_core.plugin_registry import build_registry
 from shimmy_core.safetensors_header import SafeTensorsError, read_safetensors_header
 from shimmy_core.contract.settings import Settings
-from shimmy_plugins import huggingface, lmstudio, local_files, ollama
+from shimmy_plugins.sources import huggingface
+from shimmy_plugins.sources import lmstudio
+from shimmy_plugins.sources import local_files
+from shimmy_plugins.sources import ollama
 
 SOURCE_PLUGINS = [("local_files", local_files), ("ollama", ollama), ("huggingface", huggingface),
                   ("lmstudio", lmstudio)]

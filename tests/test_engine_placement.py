@@ -1,10 +1,10 @@
 """Which slot a new GGUF request gets and what its KV cells start with: the placement rule
-of plugins/gguf_engine.py as a unit, over a recorder instead of llama.cpp.  That the
+of plugins/backends/gguf/gguf_engine.py as a unit, over a recorder instead of llama.cpp.  That the
 copied cells give the same text is proven on the real model in test_batching.py."""
 
 from __future__ import annotations
 
-from shimmy_plugins.gguf_engine import Engine, Job, Slot, chunk_end, copy_worth, reusable
+from shimmy_plugins.backends.gguf.gguf_engine import Engine, Job, Slot, chunk_end, copy_worth, reusable
 
 
 class Recorder:

@@ -39,7 +39,7 @@ from shimmy_core.contract.settings import Settings
 from shimmy_core.stops import StopScanner
 from shimmy_core.tools.calls import ToolCallParser, parse_text
 from shimmy_core.tools.tool_prompts import render_chat, template_supports_tools
-from tests.conftest import MODEL_ID
+from tests.conftest import BUILTIN_PLUGINS, MODEL_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "tools"
@@ -201,7 +201,7 @@ def make_api_for(validate, tmp_path: Path, model: ScriptedModel | None = None, *
     settings = Settings.load({"demo": False}, {}).replace(home=tmp_path, **overrides)
     model = model or ScriptedModel()
     plugins = [("scripted", ScriptedPlugin(model))]
-    plugins += [(name, importlib.import_module(f"shimmy_plugins.{name}")) for name in BUILTIN_TOOLS]
+    plugins += [(name, importlib.import_module(BUILTIN_PLUGINS[name])) for name in BUILTIN_TOOLS]
     pm = create_plugin_manager(load_entry_points=False, extra_plugins=plugins)
     shimmy = build(settings, pm)
     # Falcon's simulated requests say Host: falconframework.org, which the DNS-rebinding check refuses.

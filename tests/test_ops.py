@@ -30,7 +30,7 @@ from shimmy_core.catalog import ModelManager
 from shimmy_core.contract.model_info import ModelInfo
 from shimmy_core.plugin_manager import create_plugin_manager
 from shimmy_core.plugin_registry import build_registry
-from shimmy_core.server import server_connections, server_threads
+from shimmy_core.http.server import server_connections, server_threads
 from shimmy_core.contract.settings import Settings
 from tests.conftest import wait_for
 from tests.test_openai_api import HI, MODEL, FakePlugin, Harness, assert_error

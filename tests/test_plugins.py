@@ -27,6 +27,7 @@ from shimmy_core.contract.model_info import ModelInfo
 from shimmy_core.plugin_manager import create_plugin_manager
 from shimmy_core.plugin_registry import DuplicateNameError, build_registry
 from shimmy_core.contract.settings import DEFAULT_PORT, Settings
+from tests.conftest import BUILTIN_PLUGINS
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -181,7 +182,7 @@ def test_builtins_load_through_entry_points():
     assert BUILTINS.isdisjoint(failures), f"built-in plugins failed to load: {failures}"
     for name in BUILTINS:
         assert pm.report.loaded.get(name) == "shimmy-server"
-        assert pm.get_plugin(name).__name__ == f"shimmy_plugins.{name}"
+        assert pm.get_plugin(name).__name__ == BUILTIN_PLUGINS[name]
     assert pm.has_plugin("shimmy.defaults")
 
     registry = build_registry(pm, settings(demo=True))

@@ -44,7 +44,7 @@ def info_for(folder: Path, model_id: str = "smol"):
 
 
 def load(folder: Path, **settings):
-    from shimmy_plugins.safetensors_backend import SafeTensorsBackend
+    from shimmy_plugins.backends.safetensors.safetensors_backend import SafeTensorsBackend
 
     return SafeTensorsBackend().load(info_for(folder), Settings(**{"demo": False, **settings}))
 
@@ -205,7 +205,7 @@ def test_stop_strings_and_streaming_are_consistent(model):
 
 
 def test_multibyte_text_is_never_split(model):
-    from shimmy_plugins.safetensors_text import IncrementalDecoder
+    from shimmy_plugins.backends.safetensors.safetensors_text import IncrementalDecoder
 
     tok = model.tokenizer
     sample = "Emoji 🐉🔥, accents é à ü, CJK 漢字 and 한국어."
@@ -240,7 +240,7 @@ def test_cancel_ends_with_length_and_frees_the_row(model):
 
 
 def test_full_queue_and_queue_timeout_are_overloaded(model, safetensors_model_path):
-    from shimmy_plugins.safetensors_model import SafeTensorsModel
+    from shimmy_plugins.backends.safetensors.safetensors_model import SafeTensorsModel
 
     settings = Settings(parallel=1, queue_size=1, queue_timeout=3.0)
     one_slot = SafeTensorsModel(model.info, model.model, model.tokenizer, model.device, settings,
@@ -278,7 +278,7 @@ def _overloaded(model, choice):
 def test_device_and_dtype_choice():
     import torch
 
-    from shimmy_plugins.safetensors_model import pick_device, pick_dtype
+    from shimmy_plugins.backends.safetensors.safetensors_model import pick_device, pick_dtype
 
     cpu = torch.device("cpu")
     assert pick_device("cpu") == cpu
@@ -358,7 +358,7 @@ def test_generation_config_lists_every_end_id(tmp_path, safetensors_model_path):
 
 @pytest.mark.parametrize("case", ["auto_map", "pickle_only", "tokenizer_auto_map"])
 def test_unsafe_folders_are_refused_in_discovery_and_at_load(tmp_path, safetensors_model_path, case):
-    from shimmy_plugins.safetensors_backend import SafeTensorsBackend, check_folder
+    from shimmy_plugins.backends.safetensors.safetensors_backend import SafeTensorsBackend, check_folder
 
     folder = _tiny_folder(tmp_path / case, safetensors_model_path)
     config = json.loads((folder / "config.json").read_text())
@@ -388,7 +388,7 @@ def test_unsafe_folders_are_refused_in_discovery_and_at_load(tmp_path, safetenso
 
 
 def test_load_progress_lines(capsys):
-    from shimmy_plugins.safetensors_model import LoadProgress
+    from shimmy_plugins.backends.safetensors.safetensors_model import LoadProgress
 
     with LoadProgress("big-model (40 GB) on cuda as bfloat16", every=0.05):
         time.sleep(0.2)
@@ -401,7 +401,7 @@ def test_load_progress_lines(capsys):
 def test_sampler_chain_matches_llama_cpp_semantics():
     import torch
 
-    from shimmy_plugins.safetensors_engine import _Sampler
+    from shimmy_plugins.backends.safetensors.safetensors_engine import _Sampler
 
     logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
     assert _Sampler(SamplingParams(temperature=0), 4).sample(logits) == 1

@@ -35,7 +35,7 @@ def heavy_modules(lines: list[str]) -> list[str]:
 def test_import_and_help_never_import_torch():
     code = (
         "import sys, shimmy_core, shimmy_core.cli, shimmy_core.app\n"
-        "import shimmy_plugins.safetensors_backend\n"
+        "import shimmy_plugins.backends.safetensors.safetensors_backend\n"
         "try:\n    shimmy_core.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
         "try:\n    shimmy_core.cli.main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
         f"print('heavy modules:', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"

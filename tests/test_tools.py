@@ -32,6 +32,7 @@ from shimmy_core.tools.files import FileReader, FileRefused
 from shimmy_core.tools.http_client import HttpPolicy, RequestRefused, address_refusal, fetch
 from shimmy_core.tools.specs import ToolSpecError, load_spec, meta_schema
 from shimmy_core.tools.toolbox import ToolBox, ToolConfigError
+from tests.conftest import BUILTIN_PLUGINS
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "tools"
@@ -43,7 +44,7 @@ def settings(tmp_path: Path, **overrides) -> Settings:
 
 
 def toolbox(tmp_path: Path, *extra: tuple[str, object], **overrides) -> ToolBox:
-    plugins = [(name, importlib.import_module(f"shimmy_plugins.{name}")) for name in BUILTIN_TOOLS] + list(extra)
+    plugins = [(name, importlib.import_module(BUILTIN_PLUGINS[name])) for name in BUILTIN_TOOLS] + list(extra)
     pm = create_plugin_manager(load_entry_points=False, extra_plugins=plugins)
     s = settings(tmp_path, **overrides)
     registry = build_registry(pm, s)

@@ -26,7 +26,7 @@ from shimmy_core.plugin_api import (
     template_stop_strings,
     TemplateError,
 )
-from shimmy_plugins.gguf_engine import Engine
+from shimmy_plugins.backends.gguf.gguf_engine import Engine
 
 
 def engine_threads(requested: int = 0) -> tuple[int, int]:

@@ -7,7 +7,7 @@ behaves exactly as the GGUF backend's model: the tokenizer's chat template
 rendered in Shimmy's sandbox, the same context-length checks and limits, the
 same end-of-turn stops, stop strings held back by
 :class:`~shimmy_core.stops.StopScanner`, the same sampling (see
-:mod:`shimmy_plugins.safetensors_engine`), and ``cancelled()`` checked for
+:mod:`shimmy_plugins.backends.safetensors.safetensors_engine`), and ``cancelled()`` checked for
 every token.
 """
 
@@ -47,8 +47,8 @@ from shimmy_core.plugin_api import (
     TopLogprob,
     Usage,
 )
-from shimmy_plugins.safetensors_engine import BatchEngine, EngineError, Job, Ticket
-from shimmy_plugins.safetensors_text import IncrementalDecoder, TokenPieces
+from shimmy_plugins.backends.safetensors.safetensors_engine import BatchEngine, EngineError, Job, Ticket
+from shimmy_plugins.backends.safetensors.safetensors_text import IncrementalDecoder, TokenPieces
 
 _POLL_S = 0.05
 _HEARTBEAT_S = 10.0

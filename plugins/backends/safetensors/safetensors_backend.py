@@ -3,7 +3,7 @@
 ``generation_config.json``) run in-process through transformers and torch.
 
 Importing this module imports neither: they are imported when such a model
-loads (:mod:`shimmy_plugins.safetensors_model`), so a server with only GGUF
+loads (:mod:`shimmy_plugins.backends.safetensors.safetensors_model`), so a server with only GGUF
 models never pays for them.  Without the ``safetensors`` extra the backend
 still registers and says which pip command fixes it.
 
@@ -73,7 +73,7 @@ class SafeTensorsBackend:
 
     def load(self, model, settings):
         check_folder(model.path)
-        from shimmy_plugins.safetensors_model import load
+        from shimmy_plugins.backends.safetensors.safetensors_model import load
 
         return load(model, settings)
 

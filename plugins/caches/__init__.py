@@ -1,0 +1,1 @@
+"""Response caches: in memory and on disk."""

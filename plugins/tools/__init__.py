@@ -1,0 +1,1 @@
+"""Built-in tools a model can call: the calculator, file reading, HTTP requests."""
