@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from shimmy_core.contract.generation import BackendUnavailable, InvalidPrompt, LoadedModel, Overloaded
 from shimmy_core.contract.model_info import DEFAULT_PRIORITY, DiscoverySource, ModelInfo, SkippedFile
+from shimmy_core import streams
 
 if TYPE_CHECKING:  # pragma: no cover
     from shimmy_core.lifecycle import Lifecycle
@@ -346,9 +347,7 @@ class ModelManager:
         chunks = generate(choices, cancelled_or_draining)
         waiting = False
         if lifecycle.draining:  # cancelled in the queue (or admitted the moment the drain began)
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
+            streams.close(chunks)
             raise ShuttingDown()
         return chunks
 

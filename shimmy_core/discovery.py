@@ -80,6 +80,13 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_le
 LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
+def config_context_length(config: dict) -> int | None:
+    """The trained context of a Hugging Face ``config.json`` (or its ``text_config``), under
+    whichever of the usual keys the architecture uses."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return next((_int_or_none(c.get(k)) for c in (config, text) for k in CONTEXT_KEYS if _int_or_none(c.get(k))), None)
+
+
 # ------------------------------------------------------------------ results
 @dataclass(frozen=True)
 class Skip:
@@ -435,9 +442,7 @@ class Scanner:
                 dtypes[dtype] = dtypes.get(dtype, 0) + n
             size += st.st_size
             created = max(created, int(st.st_mtime))
-        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-        context = next((_int_or_none(c.get(k)) for c in (config, text) for k in CONTEXT_KEYS
-                        if _int_or_none(c.get(k))), None)
+        context = config_context_length(config)
         archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
         return ModelFacts(
             path=str(directory),

@@ -10,6 +10,7 @@ keeps the built-in plugins to this module.
 
 from __future__ import annotations
 
+from shimmy_core.admission import await_slot, check_room
 from shimmy_core.chat_template import (
     BUILTIN_TEMPLATES,
     CHATML_FALLBACK,
@@ -30,6 +31,7 @@ from shimmy_core.contract.generation import (
     LoadedModel,
     ModelLoadError,
     Overloaded,
+    PENALTY_LAST_N,
     PreparedPrompt,
     SamplingParams,
     TextDelta,
@@ -60,6 +62,7 @@ from shimmy_core.discovery import (
     Skip,
     add_all,
     add_named,
+    config_context_length,
     file_names,
     read_json,
 )
@@ -79,12 +82,12 @@ __all__ = [
     # models and discovery
     "DEFAULT_PRIORITY", "DiscoveryResult", "DiscoverySource", "ModelInfo", "SkippedFile",
     "ADAPTER", "CORRUPT", "INCOMPLETE", "MISSING", "NOT_A_MODEL", "Found", "ModelFacts", "Scanner", "Skip",
-    "add_all", "add_named", "file_names", "read_json", "RegistryError", "load_entries", "registry_path",
+    "add_all", "add_named", "config_context_length", "file_names", "read_json", "RegistryError", "load_entries", "registry_path",
     # backends: requests, chunks, errors
-    "Backend", "LoadedModel", "ChoicesModel", "GenerationRequest", "SamplingParams", "PreparedPrompt", "Chunk",
+    "Backend", "LoadedModel", "ChoicesModel", "GenerationRequest", "SamplingParams", "PENALTY_LAST_N", "PreparedPrompt", "Chunk",
     "TextDelta", "Finish", "Usage", "TokenLogprob", "TopLogprob", "ToolCallDelta", "ToolExecuted",
     "BackendError", "BackendUnavailable", "ContextLengthExceeded", "InvalidPrompt", "ModelLoadError", "Overloaded",
-    "Settings",
+    "Settings", "await_slot", "check_room",
     # prompts
     "BUILTIN_TEMPLATES", "CHATML_FALLBACK", "ChatTemplate", "TemplateError", "template_stop_strings",
     "PromptBuilder", "StopScanner", "template_supports_tools", "human_size",

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator
 from shimmy_core import __version__
 from shimmy_core.contract.generation import Chunk, Finish, TextDelta, TokenLogprob, TopLogprob, Usage
 from shimmy_core.contract.model_info import ModelInfo
-from shimmy_core.openai_api.requests import ParsedRequest
+from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.contract.settings import Settings
 
 log = logging.getLogger("shimmy")

@@ -17,7 +17,9 @@ from shimmy_core.contract.generation import (
     Chunk,
     Finish,
     GenerationRequest,
+    InvalidRequest,
     LoadedModel,
+    ModelNotFound,
     PreparedPrompt,
     SamplingParams,
     TextDelta,
@@ -25,12 +27,12 @@ from shimmy_core.contract.generation import (
 )
 from shimmy_core.catalog import ModelCatalog, ModelManager
 from shimmy_core.contract.model_info import ModelInfo
-from shimmy_core.openai_api.errors import invalid, model_not_found
-from shimmy_core.openai_api.requests import ParsedRequest
+from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.contract.settings import Settings
 from shimmy_core.tools import tool_prompts as prompting
 from shimmy_core.tools.loop import ToolPlan, ToolRequestError, with_tool_calls
 from shimmy_core.tools.toolbox import ToolBox
+from shimmy_core import streams
 
 
 def sequential_choices(model: LoadedModel, choices, cancelled) -> Iterator[tuple[int, Chunk]]:
@@ -73,9 +75,7 @@ class Run:
                     chunk = dataclasses.replace(chunk, prompt_tokens=0, cached_tokens=0)
                 yield index, chunk
         finally:
-            close = getattr(self.chunks, "close", None)
-            if close is not None:
-                close()
+            streams.close(self.chunks)
 
 
 def _submit(model: LoadedModel, choices, cancelled) -> Iterator[tuple[int, Chunk]]:
@@ -94,7 +94,7 @@ class CompletionService:
     def resolve(self, model_id: str) -> ModelInfo:
         info = self.catalog.get(model_id)
         if info is None:
-            raise model_not_found(model_id)
+            raise ModelNotFound(model_id)
         return info
 
     def _plan(self, parsed: ParsedRequest) -> ToolPlan | None:
@@ -103,7 +103,7 @@ class CompletionService:
         try:
             plan = ToolPlan(parsed.tools, self.tools, parsed.n, parsed.prompts[0].params.grammar)
         except ToolRequestError as exc:
-            raise invalid(str(exc), param=exc.param, code=exc.code) from None
+            raise InvalidRequest(str(exc), param=exc.param, code=exc.code) from None
         return plan if plan.active else None
 
     def start(self, parsed: ParsedRequest, disconnected: Callable[[], bool] = lambda: False) -> Run:

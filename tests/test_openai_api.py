@@ -1019,3 +1019,17 @@ def test_models_say_whether_they_can_be_served(make_api, monkeypatch):
     api.validate(listed, "Model")
     r = api.chat()
     assert r.status_code == 503 and "pip install 'fake-extra'" in r.json["error"]["message"]
+
+
+def test_the_cores_neutral_errors_leave_in_openai_shape(validate):
+    """The service raises the contract's neutral errors; the OpenAI dialect maps them."""
+    from shimmy_core.contract.generation import InvalidRequest, ModelNotFound
+    from shimmy_core.openai_api.errors import from_exception
+
+    missing = from_exception(ModelNotFound("nope"))
+    assert missing.status == 404 and missing.code == "model_not_found" and missing.param == "model"
+    assert missing.message == "The model 'nope' does not exist. GET /v1/models lists the models this server has."
+    bad = from_exception(InvalidRequest("Tools the server runs itself need 'n' to be 1.", "n"))
+    assert bad.status == 400 and bad.type == "invalid_request_error" and bad.param == "n"
+    for err in (missing, bad):
+        validate(err.body(), "ErrorResponse")

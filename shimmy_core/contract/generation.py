@@ -24,13 +24,27 @@ class BackendError(Exception):
     """Base class of the errors a backend reports; the core maps them to HTTP."""
 
 
-class InvalidPrompt(BackendError):
-    """The request cannot be turned into a prompt (a client mistake, 400)."""
+class InvalidRequest(BackendError):
+    """A client mistake the request can fix (400 in every dialect); ``param`` names the field,
+    ``code`` is a short machine-readable reason.  Raised by the core and by backends; each API
+    dialect maps it onto its own error shape."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+class InvalidPrompt(InvalidRequest):
+    """The request cannot be turned into a prompt (a client mistake, 400)."""
+
+
+class ModelNotFound(BackendError):
+    """No model by that name is served here (404 in every dialect)."""
+
+    def __init__(self, model: str):
+        super().__init__(f"The model {model!r} does not exist.")
+        self.model = model
 
 
 class ContextLengthExceeded(InvalidPrompt):
@@ -59,6 +73,9 @@ class Overloaded(BackendError):
 
 
 # ---------------------------------------------------------------- requests
+PENALTY_LAST_N = 256  # generated tokens that presence and frequency penalties look back on, in every backend
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one choice.  Defaults are OpenAI's, not llama.cpp's."""

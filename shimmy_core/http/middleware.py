@@ -31,6 +31,7 @@ import falcon
 
 from shimmy_core.lifecycle import Lifecycle, ShuttingDown
 from shimmy_core.openai_api.errors import APIError
+from shimmy_core import streams
 
 if TYPE_CHECKING:  # pragma: no cover
     from shimmy_core.metrics import Metrics
@@ -89,9 +90,7 @@ class _WatchedStream:
 
     def close(self) -> None:
         try:
-            close = getattr(self._inner, "close", None)
-            if close is not None:
-                close()
+            streams.close(self._inner)
         finally:
             self._finish()
 

@@ -17,7 +17,8 @@ from shimmy_core.catalog import ModelCatalog, ModelManager
 from shimmy_core.contract.model_info import ModelInfo
 from shimmy_core.openai_api.assemble import collect, stream
 from shimmy_core.openai_api.errors import APIError, invalid, model_not_found
-from shimmy_core.openai_api.requests import ParsedRequest, parse_json, parse_request
+from shimmy_core.openai_api.requests import parse_json, parse_request
+from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.openai_api.responses import ResponseBuilder
 from shimmy_core.response_cache import (
     SERVER_TOOLS_FLAG,
@@ -30,6 +31,7 @@ from shimmy_core.response_cache import (
 )
 from shimmy_core.service import CompletionService
 from shimmy_core.contract.settings import Settings
+from shimmy_core import streams
 
 
 def model_object(info: ModelInfo, unavailable: str | None = None) -> dict:
@@ -122,9 +124,7 @@ def observe(events: Iterator[tuple[int, Chunk]], ctx, started: float) -> Iterato
                 ctx.ttft = time.perf_counter() - started
             yield index, chunk
     finally:
-        close = getattr(events, "close", None)
-        if close is not None:
-            close()
+        streams.close(events)
 
 
 class GenerationResource:

@@ -9,7 +9,13 @@ import traceback
 
 import falcon
 
-from shimmy_core.contract.generation import BackendUnavailable, InvalidPrompt, ModelLoadError, Overloaded
+from shimmy_core.contract.generation import (
+    BackendUnavailable,
+    InvalidRequest,
+    ModelLoadError,
+    ModelNotFound,
+    Overloaded,
+)
 
 log = logging.getLogger("shimmy")
 
@@ -71,11 +77,14 @@ def model_not_found(model: str) -> APIError:
 
 
 def from_exception(exc: BaseException) -> APIError:
-    """Map any exception to an :class:`APIError` (backend errors keep their meaning)."""
+    """Map any exception to an :class:`APIError`: the core's neutral errors
+    (:mod:`shimmy_core.contract.generation`) keep their meaning in OpenAI's shape."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, InvalidPrompt):
+    if isinstance(exc, InvalidRequest):
         return APIError(400, str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, ModelNotFound):
+        return model_not_found(exc.model)
     if isinstance(exc, Overloaded):
         retry = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
         code = getattr(exc, "code", None) or ("queue_timeout" if exc.timed_out else "server_overloaded")

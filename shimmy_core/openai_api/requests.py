@@ -8,14 +8,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
 
 import jsonschema
 from jsonschema import Draft202012Validator
 
 from shimmy_core.contract.generation import GenerationRequest, SamplingParams
 from shimmy_core.openai_api.errors import APIError, invalid
+from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.tools.loop import RequestedTool, ToolRequest
+from shimmy_core.tools.schemas import json_path
 
 MAX_DEPTH = 64
 MAX_STOP = 16
@@ -206,20 +207,6 @@ _VALIDATORS = {
 }
 
 
-@dataclass(frozen=True)
-class ParsedRequest:
-    """A validated request: one :class:`GenerationRequest` per prompt, ``n`` choices each."""
-
-    kind: str                       # "chat" | "completion"
-    model: str
-    prompts: tuple[GenerationRequest, ...]
-    n: int
-    stream: bool
-    include_usage: bool
-    echo: bool
-    tools: ToolRequest | None = None        # chat: tools, tool_choice, parallel_tool_calls, response_format
-
-
 def _reject_constant(name: str):
     raise APIError(400, f"Invalid JSON number {name}: NaN and Infinity are not allowed.", code="invalid_json")
 
@@ -262,10 +249,7 @@ def _param_name(error: jsonschema.ValidationError) -> str | None:
         path = path + ([missing] if missing else [])
     if error.validator in ("propertyNames", "additionalProperties") and not path:
         return None
-    name = ""
-    for part in path:
-        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
-    return name or None
+    return json_path(path) or None
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -34,6 +34,7 @@ from shimmy_core.tools import tool_prompts as prompting
 from shimmy_core.tools.calls import TEXT_TOOL_CLOSE, ToolCallParser, new_call_id
 from shimmy_core.tools.grammar import GrammarBuilder, UnsupportedSchema
 from shimmy_core.tools.toolbox import ToolBox
+from shimmy_core import streams
 
 MAX_PARALLEL_CALLS = 4
 
@@ -105,13 +106,7 @@ def with_tool_calls(chunks: Iterable[tuple[int, Chunk]], make_parser: Callable[[
             else:
                 yield index, chunk
     finally:
-        _close(chunks)
-
-
-def _close(chunks: object) -> None:
-    close = getattr(chunks, "close", None)
-    if close is not None:
-        close()
+        streams.close(chunks)
 
 
 class ToolPlan:
@@ -226,7 +221,7 @@ class ToolPlan:
         try:
             yield from self._loop(current, base, submit, native, deadline, on_execute)
         finally:
-            _close(current[0])
+            streams.close(current[0])
 
     def _loop(self, current: list, base: GenerationRequest, submit, native: bool, deadline: float,
               on_execute: Callable[[], None]) -> Iterator[tuple[int, Chunk]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import jsonschema
 import regex
@@ -173,3 +173,11 @@ def errors(validator: Draft202012Validator, instance: Any, limit: int = MAX_ERRO
         except Exception as exc:  # referencing.exceptions.Unresolvable and friends
             found.append(f"the schema could not be applied: {type(exc).__name__}: {exc}")
     return found
+
+
+def json_path(parts: Iterable[str | int]) -> str:
+    """Where a validation error is, as a request field or file field reads: ``tools[1].function.name``."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out

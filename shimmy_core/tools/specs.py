@@ -49,10 +49,7 @@ def meta_schema() -> dict:
 
 
 def _field(path) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(the file)"
+    return schemas.json_path(path) or "(the file)"
 
 
 def _check(doc: Any, where: str) -> None:

@@ -26,14 +26,15 @@ import ctypes
 import math
 import secrets
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from shimmy_core.plugin_api import (
     Chunk,
+    await_slot,
+    check_room,
     Finish,
-    Overloaded,
+    PENALTY_LAST_N,
     PreparedPrompt,
     SamplingParams,
     StopScanner,
@@ -43,7 +44,6 @@ from shimmy_core.plugin_api import (
     Usage,
 )
 
-PENALTY_LAST_N = 256
 STREAM_BUFFER = 64             # chunks a job may have waiting for its reader before it pauses
 PREFILL_CHUNK_WHILE_DECODING = 128  # prompt tokens per step while other sequences generate
 PROMPT_CHUNK = 128             # prompts are computed in chunks cut at multiples of this position
@@ -234,29 +234,17 @@ class Engine:
         jobs = [Job(i, prepared, params, sink) for i, (prepared, params) in enumerate(choices)]
         with self._lock:
             busy = sum(1 for s in self._slots if s.job is not None)
-            free = len(self._slots) - busy
-            if len(self._waiting) + len(jobs) - free > self._queue_size:
-                raise Overloaded(
-                    f"The server is busy: {busy} requests are generating and {len(self._waiting)} are "
-                    "waiting. Retry shortly.",
-                    retry_after=1.0,
-                )
+            check_room(len(self._waiting), busy, len(self._slots), len(jobs), self._queue_size)
             sink._open_jobs = len(jobs)
             self._waiting.extend(jobs)
             self._wake.notify()
-        deadline = time.monotonic() + self._queue_timeout
-        while not sink.admitted.wait(_IDLE_WAIT_S):
-            if cancelled():
-                sink.cancel()  # the engine ends the jobs; the reader sees them finish
-                break
-            if time.monotonic() > deadline:
-                sink.cancel()
-                with self._lock:
-                    self._waiting = collections.deque(j for j in self._waiting if j.sink is not sink)
-                raise Overloaded(
-                    f"The request waited {self._queue_timeout:.0f} s for a free slot.", retry_after=1.0,
-                    timed_out=True,
-                )
+
+        def give_up() -> None:  # the engine ends the jobs; the reader sees them finish
+            sink.cancel()
+            with self._lock:
+                self._waiting = collections.deque(j for j in self._waiting if j.sink is not sink)
+
+        await_slot(sink.admitted, cancelled, give_up, self._queue_timeout, _IDLE_WAIT_S)
         if sink.error is not None:
             raise sink.error
         return sink.read(cancelled)

@@ -46,9 +46,8 @@ from typing import Any
 
 import torch
 
-from shimmy_core.plugin_api import BackendError, Overloaded, SamplingParams
+from shimmy_core.plugin_api import PENALTY_LAST_N, BackendError, SamplingParams, check_room
 
-PENALTY_LAST_N = 256  # as the GGUF backend
 _IDLE_WAIT_S = 1.0
 
 
@@ -253,12 +252,8 @@ class BatchEngine:
             if self._closed:
                 raise EngineError(f"model {self.name!r} was unloaded")
             self._drop_cancelled_waiting()  # requests that gave up waiting hold no place
-            busy = len(self._rows) + len(self._prefills)
-            free = max(0, self.parallel - busy)
-            if len(self._waiting) + len(jobs) - free > self.queue_size:
-                raise Overloaded(
-                    f"The server is busy: {busy} requests are generating and {len(self._waiting)} are "
-                    "waiting. Retry shortly.", retry_after=1.0)
+            check_room(len(self._waiting), len(self._rows) + len(self._prefills), self.parallel, len(jobs),
+                       self.queue_size)
             self._waiting.extend(jobs)
             self._cv.notify()
 

@@ -25,17 +25,18 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from shimmy_core.plugin_api import (
+    await_slot,
     BackendUnavailable,
     CHATML_FALLBACK,
     ChatTemplate,
     ChoicesModel,
     Chunk,
+    config_context_length,
     Finish,
     GenerationRequest,
     InvalidPrompt,
     human_size,
     ModelLoadError,
-    Overloaded,
     PreparedPrompt,
     PromptBuilder,
     SamplingParams,
@@ -215,9 +216,7 @@ class SafeTensorsModel(ChoicesModel):
         self.tokenizer = tokenizer
         self.device = device
         self.queue_timeout = settings.queue_timeout
-        trained = info.context_length or next(
-            (v for k in ("max_position_embeddings", "n_positions", "max_seq_len") if isinstance(v := config.get(k), int)),
-            None)
+        trained = info.context_length or config_context_length(config)
         self.context_length = settings.ctx_size or min(trained or 4096, settings.max_ctx)
         self._encode_lock = threading.Lock()
         self.pieces = TokenPieces(tokenizer)
@@ -303,15 +302,7 @@ class SafeTensorsModel(ChoicesModel):
         jobs = [Job(i, list(prepared.tokens), params, prepared.max_tokens, self.eog, ticket)
                 for i, (prepared, params) in enumerate(choices)]
         self.engine.submit(jobs)
-        deadline = time.monotonic() + self.queue_timeout
-        while not ticket.admitted.wait(_POLL_S):
-            if cancelled():
-                ticket.cancel()
-                break
-            if time.monotonic() > deadline:
-                ticket.cancel()
-                raise Overloaded(f"The request waited {self.queue_timeout:.0f} s for a free slot.",
-                                 retry_after=1.0, timed_out=True)
+        await_slot(ticket.admitted, cancelled, ticket.cancel, self.queue_timeout, _POLL_S)
         return self._read(choices, jobs, ticket, cancelled)
 
     def _read(self, choices, jobs: list[Job], ticket: Ticket, cancelled: Callable[[], bool]):
