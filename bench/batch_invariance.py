@@ -5,9 +5,10 @@
 In-process, with the GGUF engine's context settings (one KV stream per sequence, flash
 attention off, the server's threads), on the demo model or ``--model``:
   - prefix reuse: for each prompt length, the last token's logits when the prompt is
-    processed in one batch against when all but its last token come from the cache (what
-    the engine did before), and, the engine's way now, the prompt cut at multiples of 128
-    tokens, fresh against whole chunks from the cache (left there by a longer prompt);
+    processed in one batch against when all but its last token (what the engine once did)
+    or its last two (the default) come from the cache, and, as ``--batch-invariant`` does,
+    the prompt cut at multiples of 128 tokens, fresh against whole chunks from the cache (left
+    there by a longer prompt);
   - batching: a prompt's greedy decode alone (one token per step) against the same decode
     while one, two or three other sequences share every step.
 ``--no-repack`` loads the weights as ``shimmy serve --batch-invariant`` does.
@@ -72,18 +73,19 @@ def birds(c: Context) -> list[int]:
                       ", ".join(f"bird {i}" for i in range(150)) + ". Which one came first?")
 
 
-def prefix_reuse(c: Context, max_len: int) -> tuple[int, int, float, int]:
-    """The old way: the whole prompt in one batch against all but its last token from the
-    cache and the last one computed alone."""
+def prefix_reuse(c: Context, max_len: int, recompute: int) -> tuple[int, int, float, int]:
+    """The whole prompt in one batch against all but its last ``recompute`` tokens from the
+    cache and those computed in a batch of their own (1: what the engine once did; 2: what it
+    does by default)."""
     tokens = birds(c)
     differ = flips = 0
     worst = 0.0
-    lengths = range(2, min(max_len, len(tokens)) + 1)
+    lengths = range(recompute + 1, min(max_len, len(tokens)) + 1)
     for n in lengths:
         c.clear()
         [whole] = c.decode([(0, p, t) for p, t in enumerate(tokens[:n])])
-        c.llama.llama_memory_seq_rm(c.memory, 0, n - 1, -1)
-        [reused] = c.decode([(0, n - 1, tokens[n - 1])])
+        c.llama.llama_memory_seq_rm(c.memory, 0, n - recompute, -1)
+        [reused] = c.decode([(0, p, tokens[p]) for p in range(n - recompute, n)])
         d = float(np.abs(whole - reused).max())
         differ += d > 0
         flips += int(whole.argmax() != reused.argmax())
@@ -148,11 +150,12 @@ def main() -> None:
                         help="load the weights unrepacked, as --batch-invariant does")
     args = parser.parse_args()
     c = Context(args.model or str(demo_model_path()), n_seq=4, repack=args.repack)
-    total, differ, worst, flips = prefix_reuse(c, args.max_len)
-    print(f"prefix reuse, last token alone: {differ} of {total} prompt lengths differ; largest |logit "
-          f"difference| {worst:.3f}; greedy token changed at {flips}")
+    for recompute, what in ((1, "last token alone"), (2, "last two recomputed (the default)")):
+        total, differ, worst, flips = prefix_reuse(c, args.max_len, recompute)
+        print(f"prefix reuse, {what}: {differ} of {total} prompt lengths differ; largest |logit "
+              f"difference| {worst:.3f}; greedy token changed at {flips}")
     total, differ, worst, flips = chunked_reuse(c, range(130, 130 + args.max_len), 128)
-    print(f"prefix reuse, whole 128-token chunks (the engine): {differ} of {total} prompt lengths differ; "
+    print(f"prefix reuse, whole 128-token chunks (--batch-invariant): {differ} of {total} prompt lengths differ; "
           f"largest |logit difference| {worst:.3f}; greedy token changed at {flips}")
     prompts = [c.tokenize(q) for q in QUESTIONS]
     for q, others in ((QUESTIONS[i], prompts[:i] + prompts[i + 1:]) for i in range(len(prompts))):

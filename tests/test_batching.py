@@ -66,30 +66,37 @@ def probe(client, messages, **kwargs):
 
 
 def test_a_cached_prompt_gives_the_same_numbers_as_a_fresh_one(client):
-    """The prefix cache changes no number of a greedy request: a prompt computed from scratch
-    and the same prompt again, whole chunks of it from the cache, give bit-identical logprobs.
-    Over prompt lengths on both sides of a chunk boundary (PROMPT_CHUNK, 128 tokens)."""
+    """The prefix cache changes no number of a greedy request for the demo model: a prompt
+    computed from scratch and the same prompt again, all but its last two tokens from the cache,
+    give bit-identical logprobs, over many prompt lengths.  (Computing its last token alone, as
+    the engine once did, changed the logits at a third of the lengths: bench/batch_invariance.py.)"""
     nonce = uuid.uuid4().hex[:8]
     for n in range(0, 40, 3):
         messages = [{"role": "user", "content": f"{nonce} {n}: {BIRDS} " + " ".join(f"fish {i}" for i in range(n))}]
         fresh, fresh_usage = probe(client, messages)
         again, again_usage = probe(client, messages)
-        assert fresh_usage.prompt_tokens_details.cached_tokens == 0
-        assert again_usage.prompt_tokens_details.cached_tokens >= 128
+        assert again_usage.prompt_tokens_details.cached_tokens == again_usage.prompt_tokens - 2
+        assert fresh_usage.prompt_tokens_details.cached_tokens < 100  # the system prompt at most
         assert again == fresh, n
 
 
-def test_a_continued_chat_gives_the_numbers_of_a_fresh_server(client, start_server, smollm2_path):
-    """A greedy chat continued from the cache (its earlier prompt and answer in a slot) gives
-    bit-identical logprobs to the whole conversation sent to a server that never saw it."""
+def test_batch_invariant_a_continued_chat_gives_the_numbers_of_a_fresh_server(start_server, smollm2_path):
+    """--batch-invariant: a greedy chat continued from the cache (its earlier prompt and answer in
+    a slot) gives bit-identical logprobs to the whole conversation sent to a server that never
+    saw it.  (By default the answer's cells are reused, and they were computed one token per
+    step: their numbers round differently from the same tokens inside a prompt.)"""
+    def invariant_client():
+        server = start_server(["--model", str(smollm2_path), "--no-demo", "--batch-invariant", "--no-cache"])
+        return openai.OpenAI(base_url=server.url, api_key="sk-local", max_retries=0, timeout=120)
+
+    client, fresh_client = invariant_client(), invariant_client()
     first = [{"role": "user", "content": f"{uuid.uuid4().hex[:8]} {BIRDS}. Which one came first?"}]
     answer = client.chat.completions.create(model=MODEL_ID, messages=first, max_tokens=24, temperature=0,
                                             extra_headers=NO_CACHE).choices[0].message.content
     chat_so_far = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the last?"}]
     continued, usage = probe(client, chat_so_far, max_tokens=4)
-    assert usage.prompt_tokens_details.cached_tokens >= 128
-    fresh_server = start_server(["--model", str(smollm2_path), "--no-demo"])
-    fresh_client = openai.OpenAI(base_url=fresh_server.url, api_key="sk-local", max_retries=0, timeout=120)
+    assert usage.prompt_tokens_details.cached_tokens >= 128  # whole prompt chunks, no answer cells
+    assert usage.prompt_tokens_details.cached_tokens % 128 == 0
     fresh, fresh_usage = probe(fresh_client, chat_so_far, max_tokens=4)
     assert fresh_usage.prompt_tokens_details.cached_tokens == 0
     assert continued == fresh
@@ -131,16 +138,11 @@ def test_prefix_reuse_shows_in_cached_tokens(client):
                                            extra_headers=NO_CACHE)
     history += [{"role": "assistant", "content": first.choices[0].message.content},
                 {"role": "user", "content": "What do I like?"}]
-    # A sampled request reuses every cell that agrees, the first answer's too...
-    second = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=1.0,
+    second = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=0,
                                             extra_headers=NO_CACHE)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= first.usage.prompt_tokens - 1, (cached, first.usage.prompt_tokens)
     assert cached < second.usage.prompt_tokens
-    # ...a greedy one only whole prompt chunks (docs/operations.md, Determinism): none here
-    exact = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=1, temperature=0,
-                                           extra_headers=NO_CACHE)
-    assert exact.usage.prompt_tokens_details.cached_tokens == 0 < first.usage.prompt_tokens < 128
 
 
 def test_an_idle_chat_keeps_its_cache_when_another_request_comes(client):
@@ -151,13 +153,13 @@ def test_an_idle_chat_keeps_its_cache_when_another_request_comes(client):
         chat(client, question, max_tokens=4)
     history += [{"role": "assistant", "content": first.choices[0].message.content},
                 {"role": "user", "content": "What do I collect?"}]
-    second = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=1.0,
+    second = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=8, temperature=0,
                                             extra_headers=NO_CACHE)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1, second.usage
 
 
 def test_a_new_slot_takes_the_prefix_of_a_busy_one(client, server):
-    system = {"role": "system", "content": "You are the test assistant of Shimmy. Answer briefly and kindly. " * 12}
+    system = {"role": "system", "content": "You are the test assistant of Shimmy. Answer briefly and kindly. " * 4}
     question = [system, {"role": "user", "content": "Name a fruit."}]
 
     def ask():
@@ -172,8 +174,7 @@ def test_a_new_slot_takes_the_prefix_of_a_busy_one(client, server):
     finally:
         sock.close()
     assert shared.choices[0].message.content == alone.choices[0].message.content
-    # greedy: whole chunks of the system prompt are copied, the rest computed as alone was
-    assert shared.usage.prompt_tokens_details.cached_tokens >= 128, shared.usage
+    assert shared.usage.prompt_tokens_details.cached_tokens >= alone.usage.prompt_tokens - 12, shared.usage
 
 
 # ------------------------------------------------------------------ one slot, a tiny queue

@@ -251,8 +251,8 @@ async def _astream(async_client, content: str, model_id: str) -> tuple[str, str,
 
 def test_async_client_and_four_concurrent_streams(async_client, client, model_id, backend):
     """Four streams at once, each against the same prompt alone.  GGUF: the same text (the
-    engine cuts prompts at fixed positions, and the demo model's Q4_1 kernels do not depend on
-    batch shape: docs/operations.md, Determinism).  SafeTensors: torch's CPU kernels make no such
+    engine never computes a prompt token alone, and the demo model's Q4_1 kernels do not depend
+    on batch shape: docs/operations.md, Determinism).  SafeTensors: torch's CPU kernels make no such
     promise, so the texts agree up to, at most, a near tie."""
     prompts = ["Name a color.", "Name a fruit.", "Name an animal.", "Name a country."]
 

@@ -4,7 +4,7 @@ copied cells give the same text is proven on the real model in test_batching.py.
 
 from __future__ import annotations
 
-from shimmy_plugins.backends.gguf.gguf_engine import Engine, Job, Slot, chunk_end, copy_worth, reusable
+from shimmy_plugins.backends.gguf.gguf_engine import Engine, Job, Slot, chunk_end, copy_worth, prompt_take, reusable
 
 
 class Recorder:
@@ -45,13 +45,13 @@ def test_the_lowest_free_slot_when_none_holds_more():
 
 def test_a_slot_holding_the_prompt_wins_over_a_lower_one():
     e = engine([[7, 7], [], SYSTEM + [1, 2], []])
-    assert place(e, SYSTEM + [1, 2, 3]) == (2, 42)
-    assert e._slots[2].tokens == SYSTEM + [1, 2]
+    assert place(e, SYSTEM + [1, 2, 3]) == (2, 41)  # all but the last two prompt tokens
+    assert e._slots[2].tokens == SYSTEM + [1]
 
 
 def test_next_to_a_busy_slot_the_prefix_moves_instead_of_the_sequence():
     e = engine([[8, 8], [], SYSTEM + [1], []], busy={0})
-    assert place(e, SYSTEM + [1, 2]) == (1, 41)  # slot 1 keeps the busy range at 0..1
+    assert place(e, SYSTEM + [1, 2, 3]) == (1, 41)  # slot 1 keeps the busy range at 0..1
     assert e._llama.calls == [("rm", 1, -1, -1), ("cp", 2, 1, -1, -1), ("rm", 1, 41, -1)]
     assert e._slots[2].tokens == SYSTEM + [1]
 
@@ -82,22 +82,34 @@ def test_when_every_free_slot_holds_a_history_the_least_recently_used_goes():
     long_a, long_b = SYSTEM + list(range(200, 500)), SYSTEM + list(range(600, 750))
     e = engine([SYSTEM + [9], long_a, long_b], busy={0})
     e._slots[1].used, e._slots[2].used = 3, 7
-    assert place(e, SYSTEM + [1]) == (1, 40)  # slot 1 served longer ago
+    assert place(e, SYSTEM + [1, 2]) == (1, 40)  # slot 1 served longer ago
 
 
 def test_no_copy_when_it_costs_more_than_it_saves():
     e = engine([SYSTEM[:10], [], []], busy={0})
-    assert place(e, SYSTEM[:10] + [1]) == (1, 0)  # 10 tokens < 16 at 8192 cells per slot
+    assert place(e, SYSTEM[:10] + [1, 2]) == (1, 0)  # 10 tokens < 16 at 8192 cells per slot
     e = engine([SYSTEM[:10], [], []], busy={0}, n_ctx_seq=1024)
-    assert place(e, SYSTEM[:10] + [1]) == (1, 10)  # worth it with small slots
+    assert place(e, SYSTEM[:10] + [1, 2]) == (1, 10)  # worth it with small slots
 
 
-def test_the_last_prompt_token_is_always_decoded():
+def test_the_last_two_prompt_tokens_are_always_decoded():
     e = engine([SYSTEM, [], []], busy={0})
-    assert place(e, SYSTEM) == (1, 39)
+    assert place(e, SYSTEM) == (1, 38)
     e = engine([SYSTEM, []])
-    assert place(e, SYSTEM) == (0, 39)
-    assert e._llama.calls == [("rm", 0, 39, -1)] and e._slots[0].tokens == SYSTEM[:39]
+    assert place(e, SYSTEM) == (0, 38)
+    assert e._llama.calls == [("rm", 0, 38, -1)] and e._slots[0].tokens == SYSTEM[:38]
+    assert place(engine([[5], []]), [5]) == (0, 0)  # a one-token prompt is computed whole
+
+
+def test_no_prompt_token_is_computed_alone():
+    """A prompt's tokens go through llama.cpp two or more at a time (a one-token prompt aside)."""
+    for remaining in range(1, 40):
+        for budget in range(1, 40):
+            take = prompt_take(remaining, budget)
+            assert 0 <= take <= min(remaining, budget)
+            assert take != 1 or remaining == 1
+            assert remaining - take != 1
+    assert prompt_take(600, 512) == 512 and prompt_take(513, 512) == 511 and prompt_take(129, 128) == 127
 
 
 # ------------------------------------------------------------------ exact requests (greedy, seeded)
@@ -107,10 +119,11 @@ def test_prompts_are_cut_at_fixed_positions():
 
 
 def test_what_an_exact_request_may_reuse():
-    # every agreeing cell for a sampled request, the last prompt token always computed
+    # by default every agreeing cell but the last two prompt tokens
     assert reusable(common=50, canon=0, n_prompt=60, exact=False, chunk=16) == 50
-    assert reusable(common=60, canon=0, n_prompt=60, exact=False, chunk=16) == 59
-    # whole chunks only for an exact one: what a fresh prompt would have computed the same way
+    assert reusable(common=60, canon=0, n_prompt=60, exact=False, chunk=16) == 58
+    assert reusable(common=1, canon=0, n_prompt=1, exact=False, chunk=16) == 0
+    # whole chunks only for an exact request (--batch-invariant): what a fresh prompt computes the same way
     assert reusable(common=50, canon=48, n_prompt=60, exact=True, chunk=16) == 48
     assert reusable(common=50, canon=20, n_prompt=60, exact=True, chunk=16) == 16
     assert reusable(common=60, canon=64, n_prompt=60, exact=True, chunk=16) == 48
@@ -126,7 +139,7 @@ def test_an_exact_request_takes_whole_chunks_and_no_generated_cells():
     assert e._slots[0].tokens == history[:32] and e._slots[0].canon == 32
     e = engine([history, [], []])
     e._slots[0].canon = 32
-    assert place(e, history + [4, 5]) == (0, 43)  # a sampled request reuses them all
+    assert place(e, history + [4, 5]) == (0, 43)  # otherwise all of them
 
 
 def test_a_copy_carries_how_much_of_the_donor_is_whole_chunks():

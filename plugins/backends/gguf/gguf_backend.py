@@ -63,7 +63,8 @@ class GGUFBackend:
         mparams.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
         # llama.cpp repacks some weight types for its CPU kernels (Q4_0, Q4_K, IQ4_NL, MXFP4 on
         # AVX2); their 4-row kernel rounds unlike the 1-row one, so a stream's numbers change
-        # once 4 streams share a step.  Unrepacked, every row is computed alike.
+        # once 4 streams share a step.  Unrepacked, every row is computed alike
+        # (--batch-invariant; the engine then also cuts prompts at fixed positions).
         mparams.use_extra_bufts = not settings.batch_invariant
         try:
             lmodel = LlamaModel(path_model=model.path, params=mparams, verbose=False)
@@ -87,7 +88,7 @@ class GGUFBackend:
             lmodel.close()
             raise ModelLoadError(f"could not create a context for {model.id!r}: {exc}") from exc
         engine = Engine(lmodel, ctx, n_slots=slots, n_batch=cparams.n_batch, queue_size=settings.queue_size,
-                        queue_timeout=settings.queue_timeout)
+                        queue_timeout=settings.queue_timeout, invariant=settings.batch_invariant)
         return GGUFModel(lmodel, ctx, engine, llama_cpp.llama_n_ctx_seq(ctx.ctx), settings.max_tokens_ceiling,
                          hints=model.extra)
 

@@ -3,7 +3,8 @@
 One engine thread per loaded model drives ``llama_decode`` over a context that
 holds several sequences (slots).  Each step decodes the next token of every
 generating sequence in one ``llama_batch``, then chunks of the prompts still being
-prefilled, each chunk in a batch of its own and cut at fixed positions (see
+prefilled, each chunk in a batch of its own, never a lone prompt token (see
+:func:`reusable`); with ``invariant`` (``--batch-invariant``) cut at fixed positions (see
 :func:`chunk_end`).  A new request joins the running batch at the next step; a finished
 or cancelled sequence frees its slot at once.  A slot keeps the tokens it last
 held in the KV cache, so a prompt sharing a prefix with them (the earlier turns
@@ -170,17 +171,31 @@ def chunk_end(pos: int, n_prompt: int, chunk: int) -> int:
 
 def reusable(common: int, canon: int, n_prompt: int, exact: bool, chunk: int) -> int:
     """How many cells of a slot a prompt may reuse: ``common`` tokens agree, the first ``canon``
-    cells were computed as whole chunks (:func:`chunk_end`), and the last prompt token is
-    always computed (its logits start the answer).
+    cells were computed as whole chunks (:func:`chunk_end`).
 
-    An ``exact`` request (greedy or seeded) reuses only whole chunks, so that it computes the
-    rest exactly as a fresh prompt would: cells of a chunk cut short, or of generated tokens
-    (computed one per step, beside other streams), are computed again.  Other requests reuse
-    every agreeing cell."""
-    keep = min(common, n_prompt - 1)
+    By default every agreeing cell but those of the last two prompt tokens: llama.cpp computes
+    a sequence's attention with a dot product per row when the batch holds one token of it and
+    with tinyBLAS (whose result does not depend on the number of rows) for two or more, so a
+    prompt token computed alone would round differently from the same token inside its prompt.
+
+    An ``exact`` request (greedy or seeded, on a ``--batch-invariant`` server) reuses only whole
+    chunks, so that it computes the rest exactly as a fresh prompt would, whatever the weight
+    types: cells of a chunk cut short, or of generated tokens (computed one per step, beside
+    other streams), are computed again."""
     if exact:
-        keep = min(keep, canon) // chunk * chunk
-    return max(keep, 0)
+        return max(min(common, canon, n_prompt - 1) // chunk * chunk, 0)
+    return max(min(common, n_prompt - 2), 0)
+
+
+def prompt_take(remaining: int, budget: int) -> int:
+    """How many of a prompt's ``remaining`` tokens to compute in this step with ``budget`` left:
+    never a lone token (see :func:`reusable`), so never a remainder of one either."""
+    take = min(budget, remaining)
+    if remaining - take == 1:
+        take -= 1
+    if take < 2 and remaining >= 2:
+        return 0
+    return take
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -195,7 +210,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Engine:
     """Schedules jobs onto ``n_slots`` sequences of one llama.cpp context."""
 
-    def __init__(self, model, ctx, *, n_slots: int, n_batch: int, queue_size: int, queue_timeout: float):
+    def __init__(self, model, ctx, *, n_slots: int, n_batch: int, queue_size: int, queue_timeout: float,
+                 invariant: bool = False):
         import llama_cpp
 
         self._llama = llama_cpp
@@ -206,6 +222,7 @@ class Engine:
         self._memory = llama_cpp.llama_get_memory(ctx.ctx)
         self._n_batch = n_batch
         self._chunk = min(PROMPT_CHUNK, n_batch)
+        self._invariant = invariant   # prompts cut at fixed positions; exact requests reuse whole chunks
         self._queue_size = queue_size
         self._queue_timeout = queue_timeout
         self._slots = [Slot(seq) for seq in range(n_slots)]
@@ -324,7 +341,8 @@ class Engine:
             # take its cells and logits once it is done, if that saves more than a copy costs.
             leader = next((s.job for s in self._slots if s.job is not None and s.job.sink is job.sink
                            and s.job.prepared is job.prepared and s.job.follow is None), None)
-            slot, keep = self._place(tokens, free, copy=leader is None, exact=exact(job.params))
+            slot, keep = self._place(tokens, free, copy=leader is None,
+                                     exact=self._invariant and exact(job.params))
             if leader is not None and len(tokens) - 1 - keep >= self._worth:
                 job.follow = leader
             self._admitted += 1
@@ -404,8 +422,9 @@ class Engine:
 
     def _step(self, active: list[Job]) -> None:
         """One step: the next token of every generating sequence in one ``llama_decode``, then
-        prompt chunks (:func:`chunk_end`), each in a ``llama_decode`` of its own, as many as
-        the step's budget holds."""
+        prompt chunks, each in a ``llama_decode`` of its own, as many as the step's budget holds.
+        A prompt chunk never shares a batch: llama.cpp would cut it into pieces as long as the
+        other sequences' parts (a lone token beside a decoding sequence)."""
         for job in active:  # a sibling that went away before its prompt was in: go it alone
             leader = job.follow
             if leader is not None and (leader.done or leader.slot is None):
@@ -426,9 +445,16 @@ class Engine:
         for job in active:
             tokens = job.prepared.tokens
             while not job.done and job.fed < len(tokens) and job.follow is None:
-                start, end = job.fed, chunk_end(job.fed, len(tokens), self._chunk)
-                if end - start > budget:
-                    break  # the next step
+                start = job.fed
+                if self._invariant:
+                    end = chunk_end(start, len(tokens), self._chunk)
+                    if end - start > budget:
+                        break  # the next step
+                else:
+                    take = prompt_take(len(tokens) - start, budget)
+                    if take == 0:
+                        break  # the next step
+                    end = start + take
                 for i in range(start, end):
                     self._add(i - start, job, tokens[i], i == len(tokens) - 1)
                 self._decode(end - start)
