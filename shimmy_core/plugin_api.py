@@ -18,6 +18,7 @@ from shimmy_core.chat_template import (
     TemplateError,
     template_stop_strings,
 )
+from shimmy_core.choice_text import ChoiceText
 from shimmy_core.contract.generation import (
     Backend,
     BackendError,
@@ -90,7 +91,7 @@ __all__ = [
     "Settings", "await_slot", "check_room",
     # prompts
     "BUILTIN_TEMPLATES", "CHATML_FALLBACK", "ChatTemplate", "TemplateError", "template_stop_strings",
-    "PromptBuilder", "StopScanner", "template_supports_tools", "human_size",
+    "PromptBuilder", "StopScanner", "ChoiceText", "template_supports_tools", "human_size",
     # tools
     "FileReader", "HttpPolicy", "RequestRefused", "ToolError", "evaluate", "fetch", "format_number",
 ]

@@ -61,3 +61,24 @@ def test_the_contracts_hold():
     lint = Path(sys.executable).with_name("lint-imports")
     r = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_a_light_start():
+    """`import shimmy_core`, `shimmy --help` and loading every plugin import neither torch nor
+    transformers nor llama_cpp: the backends import them when a model loads."""
+    code = (
+        "import sys, contextlib, io\n"
+        "import shimmy_core, shimmy_core.plugin_api\n"
+        "from shimmy_core.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        "from shimmy_core.contract.settings import Settings\n"
+        "from shimmy_core.plugin_manager import create_plugin_manager\n"
+        "from shimmy_core.plugin_registry import build_registry\n"
+        "registry = build_registry(create_plugin_manager(), Settings(demo=False))\n"
+        "assert registry.backends and registry.sources\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'llama_cpp') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from shimmy_core.plugin_api import (
+    ChoiceText,
     Chunk,
     await_slot,
     check_room,
@@ -38,8 +39,6 @@ from shimmy_core.plugin_api import (
     PENALTY_LAST_N,
     PreparedPrompt,
     SamplingParams,
-    StopScanner,
-    TextDelta,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -63,13 +62,9 @@ class Job:
     # engine-side state
     slot: "Slot | None" = None
     fed: int = 0                 # prompt tokens already in the KV cache
-    cached: int = 0              # of which reused from an earlier request
-    generated: int = 0
     last_token: int = -1
     sampler: object = None
-    scanner: StopScanner | None = None
-    decoder: object = None
-    pending_lps: list[TokenLogprob] = field(default_factory=list)
+    text: ChoiceText | None = None   # the output as text (set on admission)
     done: bool = False
     follow: "Job | None" = None  # a sibling choice whose prompt cells and logits this one takes
 
@@ -347,10 +342,12 @@ class Engine:
                 job.follow = leader
             self._admitted += 1
             slot.job, job.slot, slot.used = job, slot, self._admitted
-            job.fed = job.cached = keep
+            job.fed = keep
             job.sampler = self._sampler(job.params)
-            job.scanner = StopScanner(job.prepared.stop)
-            job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            job.text = ChoiceText(job.prepared.stop, len(tokens), decoder.decode,
+                                  lambda d=decoder: d.decode(b"", final=True))
+            job.text.cached = keep
             job.sink.admitted.set()
         return dropped
 
@@ -410,14 +407,8 @@ class Engine:
         job.done = True
 
     def _finish(self, job: Job, reason: str) -> None:
-        if job.scanner is not None and not job.scanner.stopped:
-            tail, stopped = job.scanner.feed(job.decoder.decode(b"", final=True))
-            tail += job.scanner.flush()
-            reason = "stop" if stopped else reason
-            if tail or job.pending_lps:
-                job.sink.put(job.index, TextDelta(tail, tuple(job.pending_lps)))
-        job.sink.put(job.index, Finish(reason))
-        job.sink.put(job.index, Usage(len(job.prepared.tokens), job.generated, job.cached))
+        for chunk in job.text.finish(reason):
+            job.sink.put(job.index, chunk)
         self._release(job)
 
     def _step(self, active: list[Job]) -> None:
@@ -496,17 +487,13 @@ class Engine:
         if self._llama.llama_vocab_is_eog(self._vocab, token):
             self._finish(job, "stop")
             return
-        job.generated += 1
         piece = self._piece(token)
-        if job.params.logprobs:
-            job.pending_lps.append(self._logprob(idx, token, piece, job.params.top_logprobs))
-        text, stopped = job.scanner.feed(job.decoder.decode(piece))
-        if text or (job.pending_lps and not stopped):
-            job.sink.put(job.index, TextDelta(text, tuple(job.pending_lps)))
-            job.pending_lps = []
-        if stopped:
-            self._finish(job, "stop")
-        elif job.generated >= job.prepared.max_tokens:
+        logprob = self._logprob(idx, token, piece, job.params.top_logprobs) if job.params.logprobs else None
+        for chunk in job.text.add(piece, logprob):
+            job.sink.put(job.index, chunk)
+        if job.text.done:  # a stop string
+            self._release(job)
+        elif job.text.generated >= job.prepared.max_tokens:
             self._finish(job, "length")
         else:
             job.last_token = token

@@ -26,13 +26,13 @@ import torch
 
 from shimmy_core.plugin_api import (
     await_slot,
+    ChoiceText,
     BackendUnavailable,
     CHATML_FALLBACK,
     ChatTemplate,
     ChoicesModel,
     Chunk,
     config_context_length,
-    Finish,
     GenerationRequest,
     InvalidPrompt,
     human_size,
@@ -40,13 +40,10 @@ from shimmy_core.plugin_api import (
     PreparedPrompt,
     PromptBuilder,
     SamplingParams,
-    StopScanner,
     template_stop_strings,
     TemplateError,
-    TextDelta,
     TokenLogprob,
     TopLogprob,
-    Usage,
 )
 from shimmy_plugins.backends.safetensors.safetensors_engine import BatchEngine, EngineError, Job, Ticket
 from shimmy_plugins.backends.safetensors.safetensors_text import IncrementalDecoder, TokenPieces
@@ -307,7 +304,7 @@ class SafeTensorsModel(ChoicesModel):
 
     def _read(self, choices, jobs: list[Job], ticket: Ticket, cancelled: Callable[[], bool]):
         """The chunks of every choice as the engine produces their tokens (request thread)."""
-        states = [_Choice(self.tokenizer, prepared, params) for prepared, params in choices]
+        states = [self._choice_text(prepared) for prepared, _ in choices]
         try:
             while not all(s.done for s in states):
                 if cancelled():
@@ -331,13 +328,18 @@ class SafeTensorsModel(ChoicesModel):
                     yield from ((index, c) for c in state.finish(item[1]))
                     continue
                 _, token, logprob, top = item
-                lp = self._logprob(token, logprob, top) if state.params.logprobs else None
-                for chunk in state.feed(token, lp):
+                lp = self._logprob(token, logprob, top) if choices[index][1].logprobs else None
+                for chunk in state.add(token, lp):
                     yield index, chunk
                 if state.done:
                     jobs[index].stopped.set()
         finally:
             ticket.cancel()
+
+    def _choice_text(self, prepared: PreparedPrompt) -> ChoiceText:
+        """One choice's text: token ids to text (``IncrementalDecoder``), the shared steps after."""
+        decoder = IncrementalDecoder(self.tokenizer)
+        return ChoiceText(prepared.stop, len(prepared.tokens), decoder.add, decoder.flush)
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
@@ -348,44 +350,4 @@ class SafeTensorsModel(ChoicesModel):
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-
-class _Choice:
-    """One choice's text as the request thread builds it: ids to text, stop strings held back,
-    logprobs attached to the text they belong to; the same steps as the GGUF engine's."""
-
-    def __init__(self, tokenizer, prepared: PreparedPrompt, params: SamplingParams):
-        self.params = params
-        self.n_prompt = len(prepared.tokens)
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.scanner = StopScanner(prepared.stop)
-        self.pending_lps: list[TokenLogprob] = []
-        self.generated = 0
-        self.done = False
-
-    def feed(self, token: int, logprob: TokenLogprob | None) -> list[Chunk]:
-        self.generated += 1
-        if logprob is not None:
-            self.pending_lps.append(logprob)
-        out: list[Chunk] = []
-        text, stopped = self.scanner.feed(self.decoder.add(token))
-        if text or (self.pending_lps and not stopped):
-            out.append(TextDelta(text, tuple(self.pending_lps)))
-            self.pending_lps = []
-        if stopped:
-            out += self.finish("stop")
-        return out
-
-    def finish(self, reason: str) -> list[Chunk]:
-        out: list[Chunk] = []
-        if not self.scanner.stopped:
-            tail, stopped = self.scanner.feed(self.decoder.flush())
-            tail += self.scanner.flush()
-            reason = "stop" if stopped else reason
-            if tail or self.pending_lps:
-                out.append(TextDelta(tail, tuple(self.pending_lps)))
-        self.pending_lps = []
-        self.done = True
-        return out + [Finish(reason), Usage(self.n_prompt, self.generated)]
 
