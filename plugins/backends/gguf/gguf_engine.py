@@ -450,8 +450,8 @@ class Engine:
                     self._add(i - start, job, tokens[i], i == len(tokens) - 1)
                 self._decode(end - start)
                 slot = job.slot
-                if slot.canon == start and end - start == self._chunk:
-                    slot.canon = end  # a whole chunk after whole chunks
+                if slot.canon == start and start % self._chunk == 0 and end - start == self._chunk:
+                    slot.canon = end  # a whole chunk, at its fixed place, after whole chunks
                 job.fed = end
                 self._prompt_decoded += end - start
                 budget -= end - start
