@@ -258,12 +258,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from shimmy_core import registered_models as model_registry
+    from shimmy_core import registered_models
 
     settings = _settings(args)
     try:
-        entry, names = model_registry.add(settings.home, args.path, args.name)
-    except model_registry.RegistryError as exc:
+        entry, names = registered_models.add(settings.home, args.path, args.name)
+    except registered_models.RegistryError as exc:
         print(f"shimmy add: {exc}", file=sys.stderr)
         return 1
     print(f"Added {entry.path} as {', '.join(names)}")
@@ -271,12 +271,12 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from shimmy_core import registered_models as model_registry
+    from shimmy_core import registered_models
 
     settings = _settings(args)
     try:
-        entry = model_registry.remove(settings.home, args.name)
-    except model_registry.RegistryError as exc:
+        entry = registered_models.remove(settings.home, args.name)
+    except registered_models.RegistryError as exc:
         print(f"shimmy remove: {exc}", file=sys.stderr)
         return 1
     print(f"Removed {entry.name} ({entry.path}); its files were not touched.")

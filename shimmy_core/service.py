@@ -29,7 +29,7 @@ from shimmy_core.catalog import ModelCatalog, ModelManager
 from shimmy_core.contract.model_info import ModelInfo
 from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.contract.settings import Settings
-from shimmy_core.tools import tool_prompts as prompting
+from shimmy_core.tools import tool_prompts
 from shimmy_core.tools.loop import ToolPlan, ToolRequestError, with_tool_calls
 from shimmy_core.tools.toolbox import ToolBox
 from shimmy_core import streams
@@ -116,8 +116,8 @@ class CompletionService:
             requests = [plan.step_request(r, list(r.messages or ()), plan.first_choice, native, text_tools=True)
                         for r in requests]
         elif not native:  # earlier calls and results, written as text for a template without tools
-            requests = [dataclasses.replace(r, messages=tuple(prompting.generic_messages(r.messages, None)))
-                        if r.messages and prompting.needs_rewrite(r.messages) else r for r in requests]
+            requests = [dataclasses.replace(r, messages=tuple(tool_prompts.generic_messages(r.messages, None)))
+                        if r.messages and tool_prompts.needs_rewrite(r.messages) else r for r in requests]
         prepared = [model.prepare(request) for request in requests]
         deadline = time.monotonic() + self.settings.request_timeout
 

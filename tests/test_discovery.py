@@ -759,28 +759,28 @@ def test_size_label_parsing():
 
 # ------------------------------------------------------------------ shimmy add / remove (the registry file)
 def test_registry_add_remove_round_trip(tmp_path, use_env):
-    from shimmy_core import registered_models as model_registry
+    from shimmy_core import registered_models
 
     home = tmp_path / ".shimmy"
     one = write_gguf(tmp_path / "elsewhere" / "one.Q4_K_M.gguf")
-    entry, names = model_registry.add(home, one)
+    entry, names = registered_models.add(home, one)
     assert names == ["one.Q4_K_M"] and entry.path == str(one.resolve())
-    with pytest.raises(model_registry.RegistryError, match="already registered"):
-        model_registry.add(home, one, "again")
+    with pytest.raises(registered_models.RegistryError, match="already registered"):
+        registered_models.add(home, one, "again")
     folder = tmp_path / "folder"
     write_gguf(folder / "a.gguf")
     write_gguf(folder / "b.gguf")
-    with pytest.raises(model_registry.RegistryError, match="holds 2 models; --name needs a single model"):
-        model_registry.add(home, folder, "x")
-    _, names = model_registry.add(home, folder)
+    with pytest.raises(registered_models.RegistryError, match="holds 2 models; --name needs a single model"):
+        registered_models.add(home, folder, "x")
+    _, names = registered_models.add(home, folder)
     assert names == ["folder:a", "folder:b"]
     write_gguf(tmp_path / "lora.gguf", kind="adapter")
-    with pytest.raises(model_registry.RegistryError, match="holds no model Shimmy can serve.*LoRA adapter"):
-        model_registry.add(home, tmp_path / "lora.gguf")
-    with pytest.raises(model_registry.RegistryError, match="no such file"):
-        model_registry.add(home, tmp_path / "nope.gguf")
-    with pytest.raises(model_registry.RegistryError, match="invalid name"):
-        model_registry.add(home, write_gguf(tmp_path / "c.gguf"), " spaced name")
+    with pytest.raises(registered_models.RegistryError, match="holds no model Shimmy can serve.*LoRA adapter"):
+        registered_models.add(home, tmp_path / "lora.gguf")
+    with pytest.raises(registered_models.RegistryError, match="no such file"):
+        registered_models.add(home, tmp_path / "nope.gguf")
+    with pytest.raises(registered_models.RegistryError, match="invalid name"):
+        registered_models.add(home, write_gguf(tmp_path / "c.gguf"), " spaced name")
 
     source = local_files.RegisteredModels(home)
     catalog = ModelCatalog([source], refresh_interval=0)
@@ -788,11 +788,11 @@ def test_registry_add_remove_round_trip(tmp_path, use_env):
     one.unlink()
     assert [s.reason for s in catalog.skipped()] == [
         "registered path no longer exists (shimmy remove one.Q4_K_M forgets it)"]
-    model_registry.remove(home, "one.Q4_K_M")
+    registered_models.remove(home, "one.Q4_K_M")
     assert sorted(m.id for m in catalog.list()) == ["folder:a", "folder:b"] and catalog.skipped() == []
-    with pytest.raises(model_registry.RegistryError, match="not registered"):
-        model_registry.remove(home, "one.Q4_K_M")
+    with pytest.raises(registered_models.RegistryError, match="not registered"):
+        registered_models.remove(home, "one.Q4_K_M")
     assert (folder / "a.gguf").exists(), "remove never deletes model files"
 
-    model_registry.registry_path(home).write_text("{not json")
+    registered_models.registry_path(home).write_text("{not json")
     assert catalog.list() == [] and catalog.skipped()[0].category == "corrupt"

@@ -30,7 +30,7 @@ from shimmy_core.contract.generation import (
     ToolCallDelta,
     ToolExecuted,
 )
-from shimmy_core.tools import tool_prompts as prompting
+from shimmy_core.tools import tool_prompts
 from shimmy_core.tools.calls import TEXT_TOOL_CLOSE, ToolCallParser, new_call_id
 from shimmy_core.tools.grammar import GrammarBuilder, UnsupportedSchema
 from shimmy_core.tools.toolbox import ToolBox
@@ -199,8 +199,8 @@ class ToolPlan:
             params = dataclasses.replace(params, stop=params.stop + (TEXT_TOOL_CLOSE,))
         if native:
             return GenerationRequest(messages=tuple(messages), params=params, tools=tuple(tools) or None)
-        if tools or prompting.needs_rewrite(messages):
-            messages = prompting.generic_messages(messages, tools, hint)
+        if tools or tool_prompts.needs_rewrite(messages):
+            messages = tool_prompts.generic_messages(messages, tools, hint)
         return GenerationRequest(messages=tuple(messages), params=params)
 
     def parser(self, choice: str, text_tools: bool = True) -> ToolCallParser:

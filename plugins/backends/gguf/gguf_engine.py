@@ -147,7 +147,7 @@ def copy_worth(n_ctx_seq: int) -> int:
     return max(2, n_ctx_seq // 512)
 
 
-def exact(params: SamplingParams) -> bool:
+def wants_exact(params: SamplingParams) -> bool:
     """Whether a request asks for reproducible numbers: greedy, or seeded."""
     return params.temperature == 0 or params.seed is not None
 
@@ -337,7 +337,7 @@ class Engine:
             leader = next((s.job for s in self._slots if s.job is not None and s.job.sink is job.sink
                            and s.job.prepared is job.prepared and s.job.follow is None), None)
             slot, keep = self._place(tokens, free, copy=leader is None,
-                                     exact=self._invariant and exact(job.params))
+                                     exact=self._invariant and wants_exact(job.params))
             if leader is not None and len(tokens) - 1 - keep >= self._worth:
                 job.follow = leader
             self._admitted += 1
