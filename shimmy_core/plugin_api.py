@@ -29,8 +29,10 @@ from shimmy_core.contract.generation import (
     Finish,
     GenerationRequest,
     InvalidPrompt,
+    InvalidRequest,
     LoadedModel,
     ModelLoadError,
+    OutputFormat,
     Overloaded,
     PENALTY_LAST_N,
     PreparedPrompt,
@@ -38,6 +40,7 @@ from shimmy_core.contract.generation import (
     TextDelta,
     TokenLogprob,
     ToolCallDelta,
+    UnsupportedOutputSchema,
     ToolExecuted,
     TopLogprob,
     Usage,
@@ -74,6 +77,8 @@ from shimmy_core.stops import StopScanner
 from shimmy_core.tools.calculator import evaluate, format_number
 from shimmy_core.tools.files import FileReader
 from shimmy_core.tools.http_client import HttpPolicy, RequestRefused, fetch
+from shimmy_core.tools.schemas import errors as schema_errors
+from shimmy_core.tools.schemas import pattern_search, validator_for
 from shimmy_core.tools.specs import ToolError
 from shimmy_core.tools.tool_prompts import template_supports_tools
 
@@ -85,13 +90,17 @@ __all__ = [
     "ADAPTER", "CORRUPT", "INCOMPLETE", "MISSING", "NOT_A_MODEL", "Found", "ModelFacts", "Scanner", "Skip",
     "add_all", "add_named", "config_context_length", "file_names", "read_json", "RegistryError", "load_entries", "registry_path",
     # backends: requests, chunks, errors
-    "Backend", "LoadedModel", "ChoicesModel", "GenerationRequest", "SamplingParams", "PENALTY_LAST_N", "PreparedPrompt", "Chunk",
+    "Backend", "LoadedModel", "ChoicesModel", "GenerationRequest", "SamplingParams", "OutputFormat", "PENALTY_LAST_N",
+    "PreparedPrompt", "Chunk",
     "TextDelta", "Finish", "Usage", "TokenLogprob", "TopLogprob", "ToolCallDelta", "ToolExecuted",
-    "BackendError", "BackendUnavailable", "ContextLengthExceeded", "InvalidPrompt", "ModelLoadError", "Overloaded",
+    "BackendError", "BackendUnavailable", "ContextLengthExceeded", "InvalidPrompt", "InvalidRequest", "ModelLoadError", "Overloaded",
+    "UnsupportedOutputSchema",
     "Settings", "await_slot", "check_room",
     # prompts
     "BUILTIN_TEMPLATES", "CHATML_FALLBACK", "ChatTemplate", "TemplateError", "template_stop_strings",
     "PromptBuilder", "StopScanner", "ChoiceText", "template_supports_tools", "human_size",
     # tools
+    # JSON Schema (what a backend compiling an OutputFormat may need)
+    "pattern_search", "schema_errors", "validator_for",
     "FileReader", "HttpPolicy", "RequestRefused", "ToolError", "evaluate", "fetch", "format_number",
 ]

@@ -36,7 +36,7 @@ GGUF = "plugins/backends/gguf/gguf_backend.py"
 GGUF_ENGINE = "plugins/backends/gguf/gguf_engine.py"
 PLUGIN_MANAGER = "shimmy_core/plugin_manager.py"
 SCHEMAS = "shimmy_core/tools/schemas.py"
-GRAMMAR = "shimmy_core/tools/grammar.py"
+GRAMMAR = "plugins/backends/gguf/gbnf.py"
 SAFETENSORS_ENGINE = "plugins/backends/safetensors/safetensors_engine.py"
 
 
@@ -636,7 +636,7 @@ def test_jsonschema_validator_descend():
 # ============================================================================ Python's re internals
 def test_python_re_parser_internals():
     """PatternGrammar walks the parse tree of re._parser (sre_parse on Python 3.10)."""
-    try:  # the same imports as shimmy_core/tools/grammar.py
+    try:  # the same imports as plugins/backends/gguf/gbnf.py
         from re import _constants as sre_c  # type: ignore[attr-defined]
         from re import _parser as sre_parse  # type: ignore[attr-defined]
     except ImportError:  # pragma: no cover - Python 3.10

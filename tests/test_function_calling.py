@@ -39,6 +39,7 @@ from shimmy_core.contract.settings import Settings
 from shimmy_core.stops import StopScanner
 from shimmy_core.tools.calls import ToolCallParser, parse_text
 from shimmy_core.tools.tool_prompts import render_chat, template_supports_tools
+from shimmy_plugins.backends.gguf.gbnf import compile_output
 from tests.conftest import BUILTIN_PLUGINS, MODEL_ID
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +78,11 @@ TOOLS_TEMPLATE = (
 
 
 # ------------------------------------------------------------------ a scripted fake model
+def grammar_of(params: SamplingParams) -> str | None:
+    """The GBNF the GGUF backend would sample these parameters under."""
+    return compile_output(params.output) if params.output is not None else None
+
+
 class ScriptedModel:
     """Generates the texts it is given, one per generation, in 3-character pieces (stop strings
     applied), and remembers every request and its parameters."""
@@ -93,6 +99,8 @@ class ScriptedModel:
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         self.requests.append(request)
+        if request.params.output is not None:  # refuses what the GGUF backend refuses
+            compile_output(request.params.output)
         if self.template is not None:
             text = render_chat(self.template, list(request.messages), request.tools)
         else:
@@ -409,24 +417,24 @@ def test_named_tool_choice_response_shape_and_grammar(api):
     assert call["type"] == "function" and call["id"].startswith("call_")
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "unit": "celsius"}
-    grammar = api.model.params[-1].grammar
+    grammar = grammar_of(api.model.params[-1])
     assert grammar and '"\\"get_weather\\""' in grammar and "get_time" not in grammar
 
 
 def test_required_grammar_offers_every_tool_and_one_call_unless_parallel_is_true(api):
     api.model.outputs = [CALL_TEXT, CALL_TEXT]
     api.ok(tools=[WEATHER, TIME], tool_choice="required")
-    grammar = api.model.params[-1].grammar
+    grammar = grammar_of(api.model.params[-1])
     assert "get_weather" in grammar and "get_time" in grammar and '"\\n" call' not in grammar
     api.ok(tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=True)
-    assert '"\\n" call' in api.model.params[-1].grammar
+    assert '"\\n" call' in grammar_of(api.model.params[-1])
 
 
 def test_allowed_tools_choice_restricts_the_tools(api):
     api.model.outputs = [CALL_TEXT]
     api.ok(tools=[WEATHER, TIME], tool_choice={"type": "allowed_tools", "allowed_tools": {
         "mode": "required", "tools": [{"type": "function", "function": {"name": "get_time"}}]}})
-    grammar = api.model.params[-1].grammar
+    grammar = grammar_of(api.model.params[-1])
     assert "get_time" in grammar and "get_weather" not in grammar
 
 
@@ -434,7 +442,7 @@ def test_auto_returns_text_or_calls(api):
     api.model.outputs = ["It is sunny.", "Let me look.\n" + FORMATS["hermes"]]
     body = api.ok(tools=[WEATHER])
     assert body["choices"][0]["message"]["content"] == "It is sunny."
-    assert body["choices"][0]["finish_reason"] == "stop" and api.model.params[-1].grammar is None
+    assert body["choices"][0]["finish_reason"] == "stop" and grammar_of(api.model.params[-1]) is None
     body = api.ok(tools=[WEATHER])
     message = body["choices"][0]["message"]
     assert message["content"] == "Let me look." and message["tool_calls"][0]["function"]["name"] == "get_weather"
@@ -512,7 +520,7 @@ def test_server_side_loop_runs_the_calculator(make_api):
     # the second turn saw the call and its result, and was not forced to call again
     second = api.model.requests[-1]
     assert "14" in second.messages[-1]["content"] and second.messages[-1]["role"] == "user"
-    assert second.params.grammar is None
+    assert second.params.output is None
     assert body["usage"]["completion_tokens"] == sum(1 for _ in range(0, len(CALC_CALL), 3)) + 6
 
 
@@ -584,7 +592,7 @@ def test_loop_stops_at_the_step_limit_with_an_answer(make_api):
     assert len(message["executed_tool_calls"]) == 2
     assert len(api.model.requests) == 3
     last = api.model.requests[-1]
-    assert last.params.grammar is None and "<tools>" not in json.dumps(last.messages)
+    assert last.params.output is None and "<tools>" not in json.dumps(last.messages)
     assert message["content"].endswith("and that is all") and "tool_calls" not in message
 
 

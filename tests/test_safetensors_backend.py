@@ -24,6 +24,7 @@ from shimmy_core.contract.generation import (
     InvalidPrompt,
     ModelLoadError,
     Overloaded,
+    OutputFormat,
     SamplingParams,
     TextDelta,
     Usage,
@@ -142,13 +143,12 @@ def test_n_choices_run_as_rows_of_one_batch(model):
         assert_greedy_agrees(alone, out[index], margin=0.05)
 
 
-def test_a_grammar_is_refused_not_ignored(model):
+def test_an_output_format_is_refused_not_ignored(model):
     params = SamplingParams(temperature=0, max_tokens=4)
-    if not hasattr(params, "grammar"):
-        pytest.skip("this core has no grammar-constrained sampling")
     prepared = model.prepare(chat("Say yes.", temperature=0, max_tokens=4))
     with pytest.raises(InvalidPrompt) as info:
-        model.generate_choices([(prepared, dataclasses.replace(params, grammar='root ::= "yes"'))], lambda: False)
+        model.generate_choices([(prepared, dataclasses.replace(params, output=OutputFormat({"type": "object"})))],
+                               lambda: False)
     assert info.value.param == "response_format" and info.value.code == "grammar_unsupported"
     assert model.stats() == {"busy_slots": 0, "queued": 0}
 

@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from shimmy_core.tools.grammar import (
+from shimmy_plugins.backends.gguf.gbnf import (
     GrammarBuilder,
     UnsupportedSchema,
     integer_range,
@@ -25,7 +25,7 @@ from shimmy_core.tools.grammar import (
     schema_grammar,
 )
 from tests.conftest import MODEL_ID
-from tests.test_function_calling import ASK, make_api  # noqa: F401  (fixture)
+from tests.test_function_calling import ASK, grammar_of, make_api  # noqa: F401  (fixture)
 
 
 # ------------------------------------------------------------------ a GBNF sampler
@@ -371,12 +371,12 @@ def test_response_format_reaches_the_model_as_a_grammar(make_api):  # noqa: F811
     api.model.outputs = ['{"a": 1}', '{"name": "x", "age": 3}', "plain"]
     body = api.ok(response_format={"type": "json_object"})
     assert body["choices"][0]["message"]["content"] == '{"a": 1}'
-    assert api.model.params[-1].grammar == json_object_grammar()
+    assert grammar_of(api.model.params[-1]) == json_object_grammar()
     api.ok(response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": SCHEMAS["object"],
                                                                    "strict": True}})
-    assert api.model.params[-1].grammar == schema_grammar(SCHEMAS["object"])
+    assert grammar_of(api.model.params[-1]) == schema_grammar(SCHEMAS["object"])
     api.ok(response_format={"type": "text"})
-    assert api.model.params[-1].grammar is None
+    assert grammar_of(api.model.params[-1]) is None
 
 
 def test_response_format_with_tools_allows_a_call_or_the_answer(make_api):  # noqa: F811
@@ -386,7 +386,7 @@ def test_response_format_with_tools_allows_a_call_or_the_answer(make_api):  # no
     api.model.outputs = ['{"name": "x", "age": 3}']
     api.ok(tools=[WEATHER], response_format={"type": "json_schema", "json_schema": {
         "name": "cat", "schema": SCHEMAS["object"]}})
-    grammar = api.model.params[-1].grammar
+    grammar = grammar_of(api.model.params[-1])
     assert grammar.startswith("root ::= call | answer") and "get_weather" in grammar
 
 

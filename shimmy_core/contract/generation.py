@@ -11,8 +11,9 @@ wire format.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, Union, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from shimmy_core.contract.model_info import ModelInfo
@@ -37,6 +38,19 @@ class InvalidRequest(BackendError):
 
 class InvalidPrompt(InvalidRequest):
     """The request cannot be turned into a prompt (a client mistake, 400)."""
+
+
+class UnsupportedOutputSchema(InvalidRequest):
+    """A backend cannot enforce a JSON Schema of an :class:`OutputFormat`: ``tool`` names the
+    function whose parameters it is (``None``: the answer's schema), ``detail`` says which
+    feature and where.  Each dialect words it for its own fields."""
+
+    def __init__(self, detail: str, tool: str | None = None):
+        what = f"the parameters of function {tool!r}" if tool is not None else "the answer's schema"
+        super().__init__(f"A JSON Schema feature of {what} cannot be enforced: {detail}.",
+                         param=None, code="unsupported_schema")
+        self.detail = detail
+        self.tool = tool
 
 
 class ModelNotFound(BackendError):
@@ -77,6 +91,29 @@ PENALTY_LAST_N = 256  # generated tokens that presence and frequency penalties l
 
 
 @dataclass(frozen=True)
+class OutputFormat:
+    """What the output must be, as JSON Schema; each backend compiles it into what it samples
+    under (GBNF for llama.cpp, a token mask for transformers) and raises
+    :class:`UnsupportedOutputSchema` for a schema it cannot enforce, at ``prepare`` time.
+
+    - ``answer``: the JSON Schema of the answer (``{"type": "object"}`` for any JSON object);
+      ``None`` with no ``calls``: free text.
+    - ``calls``: ``(name, parameters schema or None)`` pairs: the output is a tool call
+      ``{"name": NAME, "arguments": {...}}`` (``name`` first) to one of them, or, when ``answer``
+      is given too, either such a call or the answer.
+    - ``max_calls``: up to this many calls, one per line (1: exactly one call).
+    """
+
+    answer: Any = field(default=None, hash=False)
+    calls: tuple[tuple[str, Any], ...] = field(default=(), hash=False)
+    max_calls: int = 1
+
+    def key(self) -> str:
+        """A text that two equal formats share (to cache what a backend compiled)."""
+        return json.dumps([self.answer, [list(c) for c in self.calls], self.max_calls])
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to sample one choice.  Defaults are OpenAI's, not llama.cpp's."""
 
@@ -92,7 +129,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
-    grammar: str | None = None              # GBNF the output must follow (root rule "root")
+    output: OutputFormat | None = None      # structured output (JSON Schema); None: free text
 
 
 @dataclass(frozen=True)
@@ -190,8 +227,9 @@ class LoadedModel(Protocol):
     # does both) sets ``renders_tools = True``.  Without it the core writes the tools, the calls
     # and their results into the messages as text, and leaves ``request.tools`` empty.
     #
-    # ``params.grammar`` (GBNF, root rule "root") must be enforced while sampling; a backend that
-    # cannot enforce it refuses the request with InvalidPrompt rather than ignore it.
+    # ``params.output`` (an OutputFormat) must be enforced while sampling; a backend that cannot
+    # enforce it refuses the request (UnsupportedOutputSchema, or InvalidPrompt) in prepare()
+    # rather than ignore it.
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
         """Render and tokenize; raise :class:`InvalidPrompt` for client mistakes."""

@@ -10,14 +10,14 @@ from typing import Callable, Iterator
 import falcon
 
 from shimmy_core import __version__
-from shimmy_core.contract.generation import Chunk, TextDelta, Usage
+from shimmy_core.contract.generation import Chunk, TextDelta, UnsupportedOutputSchema, Usage
 from shimmy_core.lifecycle import RETRY_AFTER_SHUTDOWN_S, Lifecycle, ShuttingDown
 from shimmy_core.metrics import CONTENT_TYPE, Metrics
 from shimmy_core.catalog import ModelCatalog, ModelManager
 from shimmy_core.contract.model_info import ModelInfo
 from shimmy_core.openai_api.assemble import collect, stream
 from shimmy_core.openai_api.errors import APIError, invalid, model_not_found
-from shimmy_core.openai_api.requests import parse_json, parse_request
+from shimmy_core.openai_api.requests import parse_json, parse_request, unsupported_schema
 from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.openai_api.responses import ResponseBuilder
 from shimmy_core.response_cache import (
@@ -175,7 +175,10 @@ class GenerationResource:
             return client_gone() or lifecycle.expired()
 
         # Everything that can fail with a status happens here, before resp.stream is set.
-        run = self.service.start(parsed, disconnected)
+        try:
+            run = self.service.start(parsed, disconnected)
+        except UnsupportedOutputSchema as exc:
+            raise unsupported_schema(exc, body) from None
         ctx.model = run.info.id
         builder = ResponseBuilder(self.kind, run.info.id, builder_logprobs)
         events = self._run_events(run, key, disconnected, started)

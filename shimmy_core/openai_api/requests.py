@@ -12,7 +12,7 @@ import math
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from shimmy_core.contract.generation import GenerationRequest, SamplingParams
+from shimmy_core.contract.generation import GenerationRequest, OutputFormat, SamplingParams, UnsupportedOutputSchema
 from shimmy_core.openai_api.errors import APIError, invalid
 from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.tools.loop import RequestedTool, ToolRequest
@@ -379,9 +379,9 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
 
     tools = None
     if kind == "chat":
-        tools, grammar = _tool_request(body)
-        if grammar is not None:
-            params = dataclasses.replace(params, grammar=grammar)
+        tools = _tool_request(body)
+        if tools.answer_schema is not None:
+            params = dataclasses.replace(params, output=OutputFormat(answer=tools.answer_schema))
         messages = []
         for i, message in enumerate(body["messages"]):
             role = "system" if message["role"] == "developer" else message["role"]
@@ -423,10 +423,8 @@ def _user_schema(schema, param: str) -> None:
         raise invalid(f"Invalid JSON Schema in '{param}': {exc}.", param=param, code="invalid_schema") from None
 
 
-def _tool_request(body: dict) -> tuple[ToolRequest, str | None]:
-    """The tool-related fields of a chat body, checked; and the grammar ``response_format`` asks for."""
-    from shimmy_core.tools.grammar import UnsupportedSchema, json_object_grammar, schema_grammar
-
+def _tool_request(body: dict) -> ToolRequest:
+    """The tool-related fields of a chat body (``response_format`` included), checked."""
     requested = []
     for i, tool in enumerate(body.get("tools") or ()):
         if "function" not in tool:
@@ -464,10 +462,10 @@ def _tool_request(body: dict) -> tuple[ToolRequest, str | None]:
     if choice in ("required", "function") and not requested:
         raise invalid("'tool_choice' is only allowed when 'tools' are given.", param="tool_choice")
 
-    answer_schema, grammar = None, None
+    answer_schema = None
     response_format = body.get("response_format") or {"type": "text"}
     if response_format["type"] == "json_object":
-        answer_schema, grammar = {"type": "object"}, json_object_grammar()
+        answer_schema = {"type": "object"}
     elif response_format["type"] == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict):
@@ -478,11 +476,17 @@ def _tool_request(body: dict) -> tuple[ToolRequest, str | None]:
                           param="response_format.json_schema.schema", code="invalid_value")
         answer_schema = spec["schema"]
         _user_schema(answer_schema, "response_format.json_schema.schema")
-        try:
-            grammar = schema_grammar(answer_schema)
-        except UnsupportedSchema as exc:
-            raise invalid(f"Invalid schema for response_format {spec['name']!r}: {exc}.",
-                          param="response_format.json_schema.schema", code="unsupported_schema") from None
     parallel = body.get("parallel_tool_calls")
-    request = ToolRequest(tuple(requested), choice, function, allowed, parallel, answer_schema)
-    return request, grammar
+    return ToolRequest(tuple(requested), choice, function, allowed, parallel, answer_schema)
+
+
+def unsupported_schema(exc: UnsupportedOutputSchema, body: dict) -> APIError:
+    """A schema the backend cannot enforce, worded for the chat body's fields."""
+    if exc.tool is not None:
+        index = next((i for i, t in enumerate(body.get("tools") or ())
+                      if isinstance(t, dict) and (t.get("function") or {}).get("name") == exc.tool), 0)
+        return invalid(f"The parameters of function {exc.tool!r} cannot be enforced: {exc.detail}.",
+                       param=f"tools[{index}].function.parameters", code="unsupported_schema")
+    name = ((body.get("response_format") or {}).get("json_schema") or {}).get("name")
+    return invalid(f"Invalid schema for response_format {name!r}: {exc.detail}.",
+                   param="response_format.json_schema.schema", code="unsupported_schema")

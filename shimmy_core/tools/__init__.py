@@ -2,8 +2,6 @@
 
 - :mod:`~shimmy_core.tools.schemas`: JSON Schema validators that never fetch a remote ``$ref``
   and whose ``pattern`` checks run under a time limit.
-- :mod:`~shimmy_core.tools.grammar`: JSON Schema to GBNF (the subset that a grammar can
-  enforce; anything else is :class:`~shimmy_core.tools.grammar.UnsupportedSchema`).
 - :mod:`~shimmy_core.tools.calls`: tool calls recognised in a model's text, streamed or not.
 - :mod:`~shimmy_core.tools.tool_prompts`: tools and tool messages into a chat template, or into the
   messages as text for templates that know no tools.
@@ -15,5 +13,7 @@
   :mod:`~shimmy_core.tools.http_client`: the built-in tools' engines (registered by the
   ``tools_*`` plugins).
 
-Nothing here imports an inference library.
+Nothing here imports an inference library, and nothing here knows how a backend enforces a
+format: structured output leaves as an :class:`~shimmy_core.contract.generation.OutputFormat`
+(JSON Schema), which each backend compiles (GBNF in ``plugins/backends/gguf/gbnf.py``).
 """

@@ -2,8 +2,9 @@
 
 :class:`ToolPlan` resolves what a request asks (``tools``, ``tool_choice``,
 ``parallel_tool_calls``, ``response_format``) against the server's :class:`ToolBox`: the tool
-definitions the model sees, which calls the server runs itself, the grammar that forces a call
-(``required`` or a named function) and how the prompt carries the tools.
+definitions the model sees, which calls the server runs itself, the output format that forces a
+call (``required`` or a named function; the backend compiles it) and how the prompt carries the
+tools.
 
 When the request names a tool the server runs (enabled with ``--enable-tool``), or a text-protocol
 tool is enabled, :meth:`ToolPlan.loop` drives the conversation: the model's turn, the server's
@@ -26,13 +27,13 @@ from shimmy_core.contract.generation import (
     Chunk,
     Finish,
     GenerationRequest,
+    OutputFormat,
     TextDelta,
     ToolCallDelta,
     ToolExecuted,
 )
 from shimmy_core.tools import tool_prompts
 from shimmy_core.tools.calls import TEXT_TOOL_CLOSE, ToolCallParser, new_call_id
-from shimmy_core.tools.grammar import GrammarBuilder, UnsupportedSchema
 from shimmy_core.tools.toolbox import ToolBox
 from shimmy_core import streams
 
@@ -66,7 +67,7 @@ class ToolRequest:
     choice: str = "auto"              # "none" | "auto" | "required" | "function"
     function: str | None = None       # the named function when choice is "function"
     allowed: tuple[str, ...] | None = None   # tool_choice allowed_tools
-    parallel: bool | None = None      # parallel_tool_calls; only an explicit true lets a grammar allow several calls
+    parallel: bool | None = None      # parallel_tool_calls; only an explicit true lets a forced call be several
     answer_schema: Any = None         # response_format json_schema's schema, or {"type": "object"}
 
 
@@ -112,10 +113,10 @@ def with_tool_calls(chunks: Iterable[tuple[int, Chunk]], make_parser: Callable[[
 class ToolPlan:
     """What one request does with tools (see the module docstring)."""
 
-    def __init__(self, request: ToolRequest, toolbox: ToolBox, n: int, answer_grammar: str | None):
+    def __init__(self, request: ToolRequest, toolbox: ToolBox, n: int, answer: OutputFormat | None):
         self.toolbox = toolbox
         self.request = request
-        self.answer_grammar = answer_grammar
+        self.answer = answer   # the answer's format (response_format), when no call is forced
         self.definitions: dict[str, dict] = {}
         for tool in request.tools:
             self.definitions[tool.name] = self._definition(tool)
@@ -127,7 +128,6 @@ class ToolPlan:
         if self.server and n > 1:
             raise ToolRequestError("Tools the server runs itself need 'n' to be 1.", "n")
         self.first_choice = request.choice if self.offered else "none"
-        self.grammar_for(self.first_choice)  # an unsupported schema is a 400 now, before any output
 
     def _definition(self, tool: RequestedTool) -> dict:
         entry = self.toolbox.get(tool.name)
@@ -155,38 +155,20 @@ class ToolPlan:
             return [self.request.function]
         return self.offered
 
-    def grammar_for(self, choice: str) -> str | None:
-        """The GBNF a step samples under: a forced call, a call or the answer (``auto`` with a
+    def output_for(self, choice: str) -> OutputFormat | None:
+        """The output format of a step: a forced call, a call or the answer (``auto`` with a
         ``response_format``), or the answer's format alone."""
-        if choice in ("required", "function") or (choice == "auto" and self.offered and self.answer_grammar):
-            builder = GrammarBuilder()
-            names = self._names(choice)
-            tools = []
-            for name in names:
-                tools.append((name, self.definitions[name].get("parameters")))
-            try:
-                calls = builder.tool_calls(tools, multiple=choice == "required" and self.request.parallel is True,
-                                           max_calls=MAX_PARALLEL_CALLS)
-            except UnsupportedSchema as exc:
-                name = self._failing_tool(tools)
-                index = next((t.index for t in self.request.tools if t.name == name), 0)
-                raise ToolRequestError(f"The parameters of function {name!r} cannot be enforced: {exc}.",
-                                       f"tools[{index}].function.parameters", "unsupported_schema") from None
-            if choice == "auto":
-                answer = builder.schema(self.request.answer_schema, "answer")
-                return builder.build(f"{calls} | {answer}")
-            return builder.build(calls)
-        return self.answer_grammar
+        answer = self.request.answer_schema
+        if choice in ("required", "function") or (choice == "auto" and self.offered and answer is not None):
+            calls = tuple((name, self.definitions[name].get("parameters")) for name in self._names(choice))
+            several = choice == "required" and self.request.parallel is True
+            return OutputFormat(answer=answer if choice == "auto" else None, calls=calls,
+                                max_calls=MAX_PARALLEL_CALLS if several else 1)
+        return self.answer
 
-    @staticmethod
-    def _failing_tool(tools: list[tuple[str, Any]]) -> str:
-        """The tool whose parameters the grammar cannot enforce (each converted alone)."""
-        for name, parameters in tools:
-            try:
-                GrammarBuilder().schema(parameters if parameters is not None else {"type": "object"})
-            except UnsupportedSchema:
-                return name
-        return tools[0][0]
+    def tool_index(self, name: str) -> int:
+        """Where the request's ``tools`` list has the tool ``name``."""
+        return next((t.index for t in self.request.tools if t.name == name), 0)
 
     def step_request(self, base: GenerationRequest, messages: list[dict], choice: str, native: bool,
                      text_tools: bool) -> GenerationRequest:
@@ -194,7 +176,7 @@ class ToolPlan:
         names = self._names(choice)
         tools = [{"type": "function", "function": self.definitions[n]} for n in names]
         hint = self.request.function if choice == "function" else (choice if choice == "required" else None)
-        params = dataclasses.replace(base.params, grammar=self.grammar_for(choice))
+        params = dataclasses.replace(base.params, output=self.output_for(choice))
         if text_tools and self.text_tools and TEXT_TOOL_CLOSE not in params.stop:
             params = dataclasses.replace(params, stop=params.stop + (TEXT_TOOL_CLOSE,))
         if native:

@@ -34,7 +34,9 @@ class SchemaProblem(ValueError):
     """A user's schema that cannot be used; the message says why."""
 
 
-def _search(pattern: str, text: str) -> bool:
+def pattern_search(pattern: str, text: str) -> bool:
+    """Whether the regular expression ``pattern`` (JSON Schema dialect, with a time limit) matches
+    somewhere in ``text``."""
     deadline = _deadline.get()
     timeout = PATTERN_TIMEOUT_S
     if deadline is not None:
@@ -55,14 +57,14 @@ def _pattern(validator, pattern, instance, schema) -> Iterator[ValidationError]:
     if not validator.is_type(instance, "string"):
         return
     try:
-        if not _search(pattern, instance):
+        if not pattern_search(pattern, instance):
             yield ValidationError(f"{instance!r} does not match {pattern!r}")
     except TimeoutError:
         yield _timed_out(pattern)
 
 
 def _matching_patterns(schema: dict, key: str) -> list[str]:
-    return [p for p in schema.get("patternProperties", {}) if _search(p, key)]
+    return [p for p in schema.get("patternProperties", {}) if pattern_search(p, key)]
 
 
 def _pattern_properties(validator, patterns, instance, schema) -> Iterator[ValidationError]:
@@ -71,7 +73,7 @@ def _pattern_properties(validator, patterns, instance, schema) -> Iterator[Valid
     for pattern, subschema in patterns.items():
         for key, value in instance.items():
             try:
-                hit = _search(pattern, key)
+                hit = pattern_search(pattern, key)
             except TimeoutError:
                 yield _timed_out(pattern)
                 return

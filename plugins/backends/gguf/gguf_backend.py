@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from typing import Callable, Iterator, Sequence
 
 from shimmy_core.plugin_api import (
@@ -18,15 +19,19 @@ from shimmy_core.plugin_api import (
     Chunk,
     GenerationRequest,
     hookimpl,
-    InvalidPrompt,
+    InvalidRequest,
     ModelLoadError,
+    OutputFormat,
     PreparedPrompt,
     PromptBuilder,
     SamplingParams,
     template_stop_strings,
     TemplateError,
 )
+from shimmy_plugins.backends.gguf.gbnf import compile_output
 from shimmy_plugins.backends.gguf.gguf_engine import Engine
+
+GRAMMAR_CACHE = 64   # compiled output formats kept per model
 
 
 def engine_threads(requested: int = 0) -> tuple[int, int]:
@@ -106,6 +111,8 @@ class GGUFModel(ChoicesModel):
         self._ctx = ctx
         self.engine = engine
         self.context_length = context_length
+        self._grammars: dict[str, str] = {}
+        self._grammar_lock = threading.Lock()
         bos, eos = lmodel.token_bos(), lmodel.token_eos()
         bos_text = lmodel.token_get_text(bos) if bos >= 0 else ""
         eos_text = lmodel.token_get_text(eos) if eos >= 0 else ""
@@ -138,18 +145,32 @@ class GGUFModel(ChoicesModel):
         return template_supports_tools(self.prompts.template)
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        if request.params.output is not None:
+            self._grammar(request.params.output)  # a schema it cannot enforce is a 400 now
         return self.prompts.prepare(request)
+
+    def _grammar(self, output: OutputFormat) -> str:
+        """The GBNF for an output format, compiled once and checked by llama.cpp's parser."""
+        key = output.key()
+        with self._grammar_lock:
+            grammar = self._grammars.get(key)
+        if grammar is None:
+            grammar = compile_output(output)
+            if not self.engine.check_grammar(grammar):
+                raise InvalidRequest("The output grammar could not be parsed by llama.cpp.", code="invalid_grammar")
+            with self._grammar_lock:
+                self._grammars[key] = grammar
+                while len(self._grammars) > GRAMMAR_CACHE:
+                    del self._grammars[next(iter(self._grammars))]
+        return grammar
 
     # ------------------------------------------------------------ generation
     def generate_choices(
         self, choices: Sequence[tuple[PreparedPrompt, SamplingParams]], cancelled: Callable[[], bool]
     ) -> Iterator[tuple[int, Chunk]]:
         """All choices run as parallel sequences; raises ``Overloaded`` before any output."""
-        for grammar in {params.grammar for _, params in choices if params.grammar}:
-            if not self.engine.check_grammar(grammar):
-                raise InvalidPrompt("The output grammar could not be parsed by llama.cpp.", param="response_format",
-                                    code="invalid_grammar")
-        return self.engine.submit(choices, cancelled)
+        grammars = [self._grammar(params.output) if params.output is not None else None for _, params in choices]
+        return self.engine.submit(choices, cancelled, grammars)
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()

@@ -59,6 +59,7 @@ class Job:
     prepared: PreparedPrompt
     params: SamplingParams
     sink: "Sink"
+    grammar: str | None = None   # GBNF (root rule "root") the output must follow
     # engine-side state
     slot: "Slot | None" = None
     fed: int = 0                 # prompt tokens already in the KV cache
@@ -235,15 +236,19 @@ class Engine:
 
     # ------------------------------------------------------------ request side
     def submit(
-        self, choices: Sequence[tuple[PreparedPrompt, SamplingParams]], cancelled: Callable[[], bool]
+        self, choices: Sequence[tuple[PreparedPrompt, SamplingParams]], cancelled: Callable[[], bool],
+        grammars: Sequence[str | None] | None = None,
     ) -> Iterator[tuple[int, Chunk]]:
         """Queue every choice; wait until the first one has a slot; return the merged chunks.
+        ``grammars[i]`` is the GBNF choice ``i`` samples under (``None``: free).
 
         Raises :class:`Overloaded` (a 503) when the queue cannot take them or the wait
         for a slot passes the queue timeout, before anything reached the client.
         """
         sink = Sink(self.wake)
-        jobs = [Job(i, prepared, params, sink) for i, (prepared, params) in enumerate(choices)]
+        grammars = grammars or [None] * len(choices)
+        jobs = [Job(i, prepared, params, sink, grammar)
+                for i, ((prepared, params), grammar) in enumerate(zip(choices, grammars))]
         with self._lock:
             busy = sum(1 for s in self._slots if s.job is not None)
             check_room(len(self._waiting), busy, len(self._slots), len(jobs), self._queue_size)
@@ -343,7 +348,7 @@ class Engine:
             self._admitted += 1
             slot.job, job.slot, slot.used = job, slot, self._admitted
             job.fed = keep
-            job.sampler = self._sampler(job.params)
+            job.sampler = self._sampler(job.params, job.grammar)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             job.text = ChoiceText(job.prepared.stop, len(tokens), decoder.decode,
                                   lambda d=decoder: d.decode(b"", final=True))
@@ -499,13 +504,13 @@ class Engine:
             job.last_token = token
 
     # ------------------------------------------------------------ sampling
-    def _sampler(self, params: SamplingParams):
+    def _sampler(self, params: SamplingParams, grammar: str | None):
         from llama_cpp._internals import LlamaSampler
 
         sampler = LlamaSampler()
-        if params.grammar:
-            grammar = self._llama.llama_sampler_init_grammar(self._vocab, params.grammar.encode("utf-8"), b"root")
-            self._llama.llama_sampler_chain_add(sampler.sampler, grammar)
+        if grammar:
+            constraint = self._llama.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+            self._llama.llama_sampler_chain_add(sampler.sampler, constraint)
         if params.logit_bias:
             sampler.add_logit_bias(self._n_vocab, dict(params.logit_bias))
         if params.presence_penalty or params.frequency_penalty:

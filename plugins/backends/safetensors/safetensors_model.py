@@ -291,7 +291,7 @@ class SafeTensorsModel(ChoicesModel):
     ) -> Iterator[tuple[int, Chunk]]:
         """Run every choice as a row of the batch; raises :class:`Overloaded` before any output when
         the queue cannot take them or the wait for a slot passes the queue timeout."""
-        if any(getattr(params, "grammar", None) for _, params in choices):
+        if any(params.output is not None for _, params in choices):
             raise InvalidPrompt("This model runs on the SafeTensors backend, which cannot constrain its output "
                                 "to a grammar; use a GGUF model for constrained output.",
                                 param="response_format", code="grammar_unsupported")

@@ -1,4 +1,5 @@
-"""JSON Schema to GBNF, the grammar format llama.cpp samples under.
+"""JSON Schema to GBNF, the grammar format llama.cpp samples under: how the GGUF backend
+enforces an :class:`~shimmy_core.contract.generation.OutputFormat` (:func:`compile_output`).
 
 Output generated under one of these grammars is JSON that validates against the schema, for
 the subset of JSON Schema supported here.  Every other feature that constrains values (``not``,
@@ -23,6 +24,8 @@ import json
 import math
 import re
 from typing import Any
+
+from shimmy_core.plugin_api import OutputFormat, UnsupportedOutputSchema, pattern_search, schema_errors, validator_for
 
 try:  # Python 3.11+
     from re import _constants as _sre_c  # type: ignore[attr-defined]
@@ -586,21 +589,19 @@ class GrammarBuilder:
 
     def _check_names(self, schema: dict, names: list[str], path: str) -> None:
         """patternProperties and propertyNames constrain the names (and values) we generate."""
-        from shimmy_core.tools import schemas
-
         patterns = schema.get("patternProperties") or {}
         for pattern in patterns:
             for name in names:
                 try:
-                    hit = schemas._search(pattern, name)
+                    hit = pattern_search(pattern, name)
                 except (TimeoutError, Exception):
                     hit = True
                 if hit:
                     raise UnsupportedSchema("patternProperties", path, f"property {name!r} matches {pattern!r}")
         if "propertyNames" in schema:
-            validator = schemas.validator_for(schema["propertyNames"])
+            validator = validator_for(schema["propertyNames"])
             for name in names:
-                if schemas.errors(validator, name, limit=1):
+                if schema_errors(validator, name, limit=1):
                     raise UnsupportedSchema("propertyNames", path, f"property {name!r} is not a valid name")
 
     # ------------------------------------------------------------ arrays
@@ -745,3 +746,40 @@ def json_object_grammar() -> str:
     """A grammar whose output is one JSON object."""
     builder = GrammarBuilder()
     return builder.build(builder.json_object())
+
+
+def compile_output(output: OutputFormat) -> str:
+    """The grammar for an output format: its answer's schema, a call to one of its tools (up to
+    ``max_calls``, a line each), or either.  A schema feature this module cannot enforce raises
+    :class:`UnsupportedOutputSchema` naming the tool (each tool's parameters converted alone to
+    find it) or the answer."""
+    if not output.calls:
+        if output.answer == {"type": "object"}:
+            return json_object_grammar()
+        try:
+            return schema_grammar(output.answer)
+        except UnsupportedSchema as exc:
+            raise UnsupportedOutputSchema(str(exc)) from None
+    builder = GrammarBuilder()
+    tools = list(output.calls)
+    try:
+        calls = builder.tool_calls(tools, multiple=output.max_calls > 1, max_calls=output.max_calls)
+    except UnsupportedSchema as exc:
+        raise UnsupportedOutputSchema(str(exc), tool=_failing_tool(tools)) from None
+    if output.answer is None:
+        return builder.build(calls)
+    try:
+        answer = builder.schema(output.answer, "answer")
+    except UnsupportedSchema as exc:
+        raise UnsupportedOutputSchema(str(exc)) from None
+    return builder.build(f"{calls} | {answer}")
+
+
+def _failing_tool(tools: list[tuple[str, Any]]) -> str:
+    """The tool whose parameters the grammar cannot enforce (each converted alone)."""
+    for name, parameters in tools:
+        try:
+            GrammarBuilder().schema(parameters if parameters is not None else {"type": "object"})
+        except UnsupportedSchema:
+            return name
+    return tools[0][0]
