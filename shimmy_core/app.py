@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 
 import falcon
 
-from shimmy_core.http.resources import GenerationResource, HealthResource, MetricsResource, ModelsResource, ToolsResource
+from shimmy_core.http.dialect_kit import DialectServer
+from shimmy_core.http.errors import install_error_handler
+from shimmy_core.http.resources import HealthResource, MetricsResource
+from shimmy_core.http.routes import RouteTable
 from shimmy_core.lifecycle import Lifecycle
 from shimmy_core.metrics import Metrics
 from shimmy_core.http.middleware import build_middleware
 from shimmy_core.catalog import ModelCatalog, ModelManager
-from shimmy_core.openai_api.errors import add_error_handlers
 from shimmy_core.plugin_manager import ShimmyPluginManager, create_plugin_manager
 from shimmy_core.plugin_registry import Registry, build_registry
 from shimmy_core.response_cache import OFF, ResponseCache
@@ -81,18 +83,19 @@ def build(settings: Settings, pm: ShimmyPluginManager | None = None) -> Shimmy:
 
 
 def create_app(shimmy: Shimmy) -> falcon.App:
+    """The WSGI app: the core's routes, then every registered dialect's (see
+    :mod:`shimmy_core.contract.dialect`), behind the middleware and one error handler."""
     settings = shimmy.settings
+    routes = RouteTable()
     app = falcon.App(media_type=falcon.MEDIA_JSON,
-                     middleware=build_middleware(settings, shimmy.lifecycle, shimmy.metrics))
+                     middleware=build_middleware(settings, shimmy.lifecycle, shimmy.metrics, routes))
     app.req_options.strip_url_path_trailing_slash = True
-    add_error_handlers(app)
-    service = CompletionService(shimmy.catalog, shimmy.manager, settings, shimmy.tools)
-    models = ModelsResource(shimmy.catalog, shimmy.manager)
-    app.add_route("/health", HealthResource(shimmy.manager, shimmy.lifecycle))
-    app.add_route("/metrics", MetricsResource(shimmy.metrics))
-    app.add_route("/v1/models", models)
-    app.add_route("/v1/models/{model_id:path}", models, suffix="one")
-    app.add_route("/v1/tools", ToolsResource(shimmy.tools))
-    for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completion")):
-        app.add_route(path, GenerationResource(kind, service, settings, shimmy.cache, shimmy.lifecycle))
+    routes.bind(app)
+    install_error_handler(app, routes)
+    routes.add("/health", HealthResource(shimmy.manager, shimmy.lifecycle), open=True)
+    routes.add("/metrics", MetricsResource(shimmy.metrics))
+    server = DialectServer(settings, CompletionService(shimmy.catalog, shimmy.manager, settings, shimmy.tools),
+                           shimmy.catalog, shimmy.manager, shimmy.cache, shimmy.lifecycle, shimmy.tools, shimmy.metrics)
+    for dialect in shimmy.registry.dialects.values():
+        routes.add_dialect(dialect, server)
     return app

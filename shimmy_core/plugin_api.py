@@ -2,8 +2,9 @@
 
 A plugin, built in (``plugins/``) or installed with pip, imports from here and from nowhere
 else in Shimmy: the hook marker, the types the hooks exchange (:mod:`shimmy_core.contract`),
-and the shared mechanisms a backend or a discovery source builds on (chat templates, prompt
-building, stop strings, file scanning, the tool runtime).  What is not named here is
+and the shared mechanisms a backend, a discovery source or an API dialect builds on (chat
+templates, prompt building, stop strings, file scanning, the tool runtime, the neutral request
+and the generation flow of a dialect's routes).  What is not named here is
 internal and may change without notice; an import-linter contract in ``pyproject.toml``
 keeps the built-in plugins to this module.
 """
@@ -19,6 +20,7 @@ from shimmy_core.chat_template import (
     template_stop_strings,
 )
 from shimmy_core.choice_text import ChoiceText
+from shimmy_core.contract.dialect import Dialect, HTTPRefusal
 from shimmy_core.contract.generation import (
     Backend,
     BackendError,
@@ -32,6 +34,7 @@ from shimmy_core.contract.generation import (
     InvalidRequest,
     LoadedModel,
     ModelLoadError,
+    ModelNotFound,
     OutputFormat,
     Overloaded,
     PENALTY_LAST_N,
@@ -71,6 +74,9 @@ from shimmy_core.discovery import (
     read_json,
 )
 from shimmy_core.formatting import human_size
+from shimmy_core.http.dialect_kit import DialectServer, Generation, read_body
+from shimmy_core.http.errors import neutral_error
+from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.prompt_builder import PromptBuilder
 from shimmy_core.registered_models import RegistryError, load_entries, registry_path
 from shimmy_core.stops import StopScanner
@@ -78,7 +84,8 @@ from shimmy_core.tools.calculator import evaluate, format_number
 from shimmy_core.tools.files import FileReader
 from shimmy_core.tools.http_client import HttpPolicy, RequestRefused, fetch
 from shimmy_core.tools.schemas import errors as schema_errors
-from shimmy_core.tools.schemas import pattern_search, validator_for
+from shimmy_core.tools.loop import RequestedTool, ToolRequest
+from shimmy_core.tools.schemas import check_schema, json_path, pattern_search, SchemaProblem, validator_for
 from shimmy_core.tools.specs import ToolError
 from shimmy_core.tools.tool_prompts import template_supports_tools
 
@@ -95,12 +102,15 @@ __all__ = [
     "TextDelta", "Finish", "Usage", "TokenLogprob", "TopLogprob", "ToolCallDelta", "ToolExecuted",
     "BackendError", "BackendUnavailable", "ContextLengthExceeded", "InvalidPrompt", "InvalidRequest", "ModelLoadError", "Overloaded",
     "UnsupportedOutputSchema",
-    "Settings", "await_slot", "check_room",
+    "ModelNotFound", "Settings", "await_slot", "check_room",
+    # API dialects: the neutral request, the generation flow of a route, errors
+    "Dialect", "DialectServer", "Generation", "HTTPRefusal", "ParsedRequest", "RequestedTool", "ToolRequest",
+    "neutral_error", "read_body",
     # prompts
     "BUILTIN_TEMPLATES", "CHATML_FALLBACK", "ChatTemplate", "TemplateError", "template_stop_strings",
     "PromptBuilder", "StopScanner", "ChoiceText", "template_supports_tools", "human_size",
     # tools
     # JSON Schema (what a backend compiling an OutputFormat may need)
-    "pattern_search", "schema_errors", "validator_for",
+    "check_schema", "json_path", "pattern_search", "schema_errors", "SchemaProblem", "validator_for",
     "FileReader", "HttpPolicy", "RequestRefused", "ToolError", "evaluate", "fetch", "format_number",
 ]

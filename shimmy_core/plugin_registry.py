@@ -1,4 +1,4 @@
-"""What the plugins registered: backends, discovery sources, caches and tools.
+"""What the plugins registered: backends, discovery sources, caches, tools and API dialects.
 
 Each collection hook is called plugin by plugin with a ``register`` callback
 that knows who is calling, so that two plugins registering the same name get
@@ -23,6 +23,7 @@ KINDS = {
     "source": "shimmy_register_sources",
     "cache": "shimmy_register_caches",
     "tool": "shimmy_register_tools",
+    "dialect": "shimmy_register_dialects",
 }
 
 
@@ -34,10 +35,12 @@ class Registry:
     sources: dict[str, Any] = field(default_factory=dict)
     caches: dict[str, Any] = field(default_factory=dict)
     tools: dict[str, Any] = field(default_factory=dict)
+    dialects: dict[str, Any] = field(default_factory=dict)
     owners: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def table(self, kind: str) -> dict[str, Any]:
-        return {"backend": self.backends, "source": self.sources, "cache": self.caches, "tool": self.tools}[kind]
+        return {"backend": self.backends, "source": self.sources, "cache": self.caches, "tool": self.tools,
+                "dialect": self.dialects}[kind]
 
     def add(self, kind: str, obj: Any, plugin: str) -> None:
         name = getattr(obj, "name", None)

@@ -46,8 +46,6 @@ IGNORED_FIELDS = frozenset({"model", "stream", "stream_options", "user", "metada
 # tools too: with one enabled, a model's text-protocol call runs instead of staying text).
 OUTPUT_SETTINGS = ("ctx_size", "max_ctx", "max_tokens_ceiling", "gpu_layers", "device", "dtype", "batch_size",
                    "batch_invariant", "enable_tools", "tool_max_steps")
-# The attribute of a run that says it executed a server-side tool (set by the tools code).
-SERVER_TOOLS_FLAG = "uses_server_tools"
 # Entries larger than this (as JSON) are not stored.
 MAX_ENTRY_BYTES = 8 * 1024 * 1024
 _WARN_EVERY_S = 60.0

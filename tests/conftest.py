@@ -23,6 +23,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # The built-in plugins, by entry-point name: the module each one's entry point names.
 BUILTIN_PLUGINS: dict[str, str] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["shimmy"]
+
+
+def builtin(name: str) -> tuple[str, object]:
+    """``(name, module)`` of a built-in plugin, for a plugin manager built without entry points."""
+    import importlib
+
+    return name, importlib.import_module(BUILTIN_PLUGINS[name])
+
+
 # The official schemas travel with the tests (cut from OpenAI's openapi.json; see its README).
 OPENAI_SPEC = Path(__file__).resolve().parent / "openai_spec" / "openapi-subset.json"
 

@@ -30,7 +30,7 @@ from shimmy_core.service import CompletionService
 from shimmy_core.contract.settings import Settings, SettingsError
 from shimmy_plugins.caches.disk_cache import DiskCache
 from shimmy_plugins.caches.memory_cache import MemoryCache
-from tests.conftest import MODEL_ID
+from tests.conftest import builtin, MODEL_ID
 from tests.test_openai_api import HI, MODEL, FakePlugin, Harness, sse_events
 
 CHAT = "/v1/chat/completions"
@@ -61,7 +61,7 @@ def make_cached(validate, tmp_path):
         settings = Settings.load({"demo": False}, {}).replace(home=tmp_path / "home", **overrides)
         plugin = FakePlugin()
         plugins = [("fake", plugin), ("memory_cache", memory_cache_plugin), ("disk_cache", disk_cache_plugin),
-                   *more_plugins]
+                   builtin("openai"), *more_plugins]
         pm = create_plugin_manager(load_entry_points=False, extra_plugins=plugins)
         shimmy = build(settings, pm)
         made.append(shimmy)
@@ -98,7 +98,7 @@ def test_deterministic_request_is_a_miss_then_a_hit_with_a_fresh_id(api, monkeyp
     assert first.status_code == 200, first.text
     assert first.headers["x-shimmy-cache"] == "miss"
     later = time.time() + 5
-    monkeypatch.setattr("shimmy_core.openai_api.responses.time.time", lambda: later)
+    monkeypatch.setattr("shimmy_plugins.dialects.openai.openai_bodies.time.time", lambda: later)
     second = api.ask(temperature=0, max_tokens=3)
     assert second.headers["x-shimmy-cache"] == "hit"
     api.validate(second.json, "CreateChatCompletionResponse")
@@ -245,13 +245,12 @@ def test_an_answer_that_ran_a_server_side_tool_is_not_stored(api, monkeypatch):
 
     def start_with_tools(self, parsed, disconnected=lambda: False):
         run = start(self, parsed, disconnected)
-        setattr(run, response_cache.SERVER_TOOLS_FLAG, True)
+        run.uses_server_tools = True
         return run
 
     monkeypatch.setattr(CompletionService, "start", start_with_tools)
     for _ in range(2):
         assert api.ask(temperature=0, max_tokens=2).headers["x-shimmy-cache"] == "miss"
-    assert response_cache.SERVER_TOOLS_FLAG == "uses_server_tools"
 
 
 def test_an_answer_with_an_unknown_chunk_is_not_stored():

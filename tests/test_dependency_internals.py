@@ -140,9 +140,9 @@ def test_waitress_channel_and_server_internals():
     shutdown = require(SERVER, "waitress.task", "ThreadedTaskDispatcher.shutdown")
     assert {"cancel_pending", "timeout"} <= set(params(shutdown)), (
         f"{SERVER} relies on waitress ThreadedTaskDispatcher.shutdown(cancel_pending, timeout)")
-    task_source = inspect.getsource(require("shimmy_core/http/resources.py", "waitress.task", "WSGITask"))
+    task_source = inspect.getsource(require("shimmy_core/http/dialect_kit.py", "waitress.task", "WSGITask"))
     assert "waitress.client_disconnected" in task_source, (
-        "shimmy_core/http/resources.py relies on waitress setting environ['waitress.client_disconnected']")
+        "shimmy_core/http/dialect_kit.py relies on waitress setting environ['waitress.client_disconnected']")
 
 
 def test_waitress_server_uses_channel_class_and_parser_class():

@@ -32,7 +32,7 @@ from shimmy_core.contract.generation import (
 from shimmy_core.chat_template import CHATML_FALLBACK, ChatTemplate
 from shimmy_core.contract.hookspecs import hookimpl
 from shimmy_core.contract.model_info import DiscoveryResult, ModelInfo
-from shimmy_core.openai_api.requests import parse_request
+from shimmy_plugins.dialects.openai.openai_requests import parse_request
 from shimmy_core.plugin_manager import create_plugin_manager
 from shimmy_core.service import CompletionService
 from shimmy_core.contract.settings import Settings
@@ -40,7 +40,7 @@ from shimmy_core.stops import StopScanner
 from shimmy_core.tools.calls import ToolCallParser, parse_text
 from shimmy_core.tools.tool_prompts import render_chat, template_supports_tools
 from shimmy_plugins.backends.gguf.gbnf import compile_output
-from tests.conftest import BUILTIN_PLUGINS, MODEL_ID
+from tests.conftest import builtin, BUILTIN_PLUGINS, MODEL_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "tools"
@@ -208,7 +208,7 @@ class Api:
 def make_api_for(validate, tmp_path: Path, model: ScriptedModel | None = None, **overrides) -> Api:
     settings = Settings.load({"demo": False}, {}).replace(home=tmp_path, **overrides)
     model = model or ScriptedModel()
-    plugins = [("scripted", ScriptedPlugin(model))]
+    plugins = [("scripted", ScriptedPlugin(model)), builtin("openai")]
     plugins += [(name, importlib.import_module(BUILTIN_PLUGINS[name])) for name in BUILTIN_TOOLS]
     pm = create_plugin_manager(load_entry_points=False, extra_plugins=plugins)
     shimmy = build(settings, pm)

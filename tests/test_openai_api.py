@@ -31,6 +31,7 @@ from shimmy_core.contract.model_info import DiscoveryResult, ModelInfo
 from shimmy_core.plugin_manager import create_plugin_manager
 from shimmy_core.contract.settings import Settings
 from shimmy_core.stops import StopScanner
+from tests.conftest import builtin
 
 MODEL = "fake"
 CONTEXT = 64
@@ -206,7 +207,7 @@ def make_api(validate):
     def make(**overrides) -> Harness:
         settings = Settings.load({"demo": False}, {}).replace(**overrides)
         plugin = FakePlugin()
-        pm = create_plugin_manager(load_entry_points=False, extra_plugins=[("fake", plugin)])
+        pm = create_plugin_manager(load_entry_points=False, extra_plugins=[("fake", plugin), builtin("openai")])
         shimmy = build(settings, pm)
         made.append(shimmy)
         # Falcon's simulated requests say Host: falconframework.org, which the DNS-rebinding check refuses.
@@ -976,7 +977,7 @@ def test_stop_scanner_holds_only_what_could_start_a_stop():
 def test_api_doc_lists_every_request_parameter():
     from pathlib import Path
 
-    from shimmy_core.openai_api.requests import CHAT_SCHEMA, COMPLETION_SCHEMA
+    from shimmy_plugins.dialects.openai.openai_requests import CHAT_SCHEMA, COMPLETION_SCHEMA
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
     for schema in (CHAT_SCHEMA, COMPLETION_SCHEMA):
@@ -1024,7 +1025,7 @@ def test_models_say_whether_they_can_be_served(make_api, monkeypatch):
 def test_the_cores_neutral_errors_leave_in_openai_shape(validate):
     """The service raises the contract's neutral errors; the OpenAI dialect maps them."""
     from shimmy_core.contract.generation import InvalidRequest, ModelNotFound
-    from shimmy_core.openai_api.errors import from_exception
+    from shimmy_plugins.dialects.openai.openai_errors import from_exception
 
     missing = from_exception(ModelNotFound("nope"))
     assert missing.status == 404 and missing.code == "model_not_found" and missing.param == "model"

@@ -32,7 +32,7 @@ from shimmy_core.plugin_manager import create_plugin_manager
 from shimmy_core.plugin_registry import build_registry
 from shimmy_core.http.server import server_connections, server_threads
 from shimmy_core.contract.settings import Settings
-from tests.conftest import wait_for
+from tests.conftest import builtin, wait_for
 from tests.test_openai_api import HI, MODEL, FakePlugin, Harness, assert_error
 
 CHAT = "/v1/chat/completions"
@@ -46,7 +46,7 @@ def make_ops(validate, tmp_path):
     def make(**overrides):
         settings = Settings.load({"demo": False}, {}).replace(home=tmp_path, **overrides)
         plugin = FakePlugin()
-        pm = create_plugin_manager(load_entry_points=False, extra_plugins=[("fake", plugin)])
+        pm = create_plugin_manager(load_entry_points=False, extra_plugins=[("fake", plugin), builtin("openai")])
         shimmy = build(settings, pm)
         made.append(shimmy)
         client = falcon.testing.TestClient(create_app(shimmy), headers={"Host": "localhost"})

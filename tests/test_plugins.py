@@ -243,6 +243,70 @@ def test_hook_shimmy_register_tools():
     assert registry.owners[("tool", "clock")] == "tools"
 
 
+def _ping_dialect(path: str = "/ping"):
+    """The example dialect of docs/hooks.md."""
+    from shimmy_core.plugin_api import HTTPRefusal, neutral_error
+
+    class PingResource:
+        def on_get(self, req, resp):
+            resp.media = {"pong": True}
+
+    class PingDialect:
+        name = "ping"
+        prefixes = ("/ping",)
+
+        def add_routes(self, routes, server):
+            routes.add(path, PingResource())
+
+        def error_response(self, exc):
+            exc = neutral_error(exc)
+            return (exc.status if isinstance(exc, HTTPRefusal) else 500), {}, {"ping_error": str(exc)}
+
+    class Plugin:
+        @hookimpl
+        def shimmy_register_dialects(self, register):
+            register(PingDialect())
+
+    return Plugin()
+
+
+def _client(*plugins):
+    import falcon.testing
+
+    from shimmy_core.app import build, create_app
+
+    pm = create_plugin_manager(load_entry_points=False, extra_plugins=plugins)
+    app = create_app(build(settings(), pm))
+    return falcon.testing.TestClient(app, headers={"Host": "localhost"})
+
+
+def test_hook_shimmy_register_dialects_adds_routes_and_answers_errors_in_its_envelope():
+    from tests.conftest import builtin
+
+    client = _client(("ping", _ping_dialect()), builtin("openai"))
+    assert client.simulate_get("/ping").json == {"pong": True}
+    missing = client.simulate_get("/ping/nothing")  # its prefix: its envelope
+    assert missing.status_code == 404 and set(missing.json) == {"ping_error"}
+    elsewhere = client.simulate_get("/nothing")     # the openai dialect claims "/"
+    assert elsewhere.status_code == 404 and elsewhere.json["error"]["code"] == "not_found"
+    assert client.simulate_get("/v1/models").json["object"] == "list"
+
+
+def test_without_any_dialect_only_the_core_routes_answer():
+    client = _client()
+    assert client.simulate_get("/health").json["status"] == "ok"
+    missing = client.simulate_get("/v1/models")
+    assert missing.status_code == 404 and missing.json["error"]["code"] == "not_found"
+
+
+def test_two_dialects_adding_one_path_stop_the_start_naming_both():
+    from shimmy_core.http.routes import RouteConflict
+    from tests.conftest import builtin
+
+    with pytest.raises(RouteConflict, match="'openai' and 'ping'"):
+        _client(builtin("openai"), ("ping", _ping_dialect("/v1/models")))
+
+
 def test_collection_hooks_also_run_for_module_plugins_with_fewer_arguments():
     class SourcesWithoutSettings:
         @hookimpl

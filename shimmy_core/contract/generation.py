@@ -5,8 +5,8 @@ A backend loads a model into a :class:`LoadedModel`.  The core hands it a
 chunks: :class:`TextDelta`, :class:`Finish` and :class:`Usage`.  The core's
 tool layer (``shimmy_core.tools``) turns text that is a tool call into
 :class:`ToolCallDelta` chunks and reports the tools it ran itself as
-:class:`ToolExecuted`; the ``openai_api`` package turns all of them into the
-wire format.
+:class:`ToolExecuted`; each API dialect (``shimmy_register_dialects``) turns all of them
+into its wire format.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from shimmy_core.contract.dialect import Dialect
     from shimmy_core.contract.generation import Backend
     from shimmy_core.contract.model_info import DiscoverySource, ModelInfo
     from shimmy_core.contract.settings import Settings
@@ -68,6 +69,19 @@ def shimmy_register_tools(register: Callable[[object], None]) -> None:
     Call ``register(tool)`` for each tool; a tool has a unique ``name``, a
     ``description``, a JSON Schema ``parameters`` object and a ``run(arguments)``
     method.
+    """
+
+
+@hookspec
+def shimmy_register_dialects(register: Callable[["Dialect"], None]) -> None:
+    """Register API dialects (wire formats).
+
+    Call ``register(dialect)`` for each dialect; a dialect has a unique ``name``, the URL path
+    ``prefixes`` whose errors it answers, ``add_routes(routes, server)`` to add its Falcon
+    resources, and ``error_response(exc)`` giving ``(status, headers, JSON body)`` in its error
+    envelope (see :mod:`shimmy_core.contract.dialect`).  A dialect translates its requests into
+    the neutral :class:`shimmy_core.parsed_request.ParsedRequest` and the neutral chunks back;
+    backends never see it.  Two dialects adding the same path stop the start.
     """
 
 

@@ -10,7 +10,8 @@ resources.  In order:
 5. :class:`Draining` - while the server shuts down: 503 with ``Retry-After``.
 6. :class:`Auth` - ``--api-key``: a Bearer key, compared in constant time; 401.
 
-Every refusal is an :class:`APIError`, so it leaves in the OpenAI error envelope.
+Every refusal is a neutral :class:`HTTPRefusal`, which leaves in the envelope of the dialect that
+owns the path (see :mod:`shimmy_core.http.errors`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from urllib.parse import urlsplit
 
 import falcon
 
+from shimmy_core.contract.dialect import HTTPRefusal
+from shimmy_core.http.routes import RouteTable
 from shimmy_core.lifecycle import Lifecycle, ShuttingDown
-from shimmy_core.openai_api.errors import APIError
 from shimmy_core import streams
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,32 +41,20 @@ if TYPE_CHECKING:  # pragma: no cover
 
 access_log = logging.getLogger("shimmy.access")
 
-GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
-OPEN_ROUTES = ("/health",)                      # never behind the API key
-_ROUTES = ("/health", "/metrics", "/v1/models", "/v1/tools", *GENERATION_ROUTES)
+CORE_ROUTES = ("/health", "/metrics")           # still answered while the server drains
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _TOKEN_LIST = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*$")
 EXPOSED_HEADERS = "X-Request-Id, X-Shimmy-Cache, Retry-After"
 
 
-def route_of(path: str) -> str:
-    """The route a path belongs to (a bounded label for metrics)."""
-    path = path.rstrip("/") or "/"
-    if path in _ROUTES:
-        return path
-    if path.startswith("/v1/models/"):
-        return "/v1/models/{model_id}"
-    return "other"
-
-
-def build_middleware(settings: "Settings", lifecycle: Lifecycle, metrics: "Metrics") -> list:
+def build_middleware(settings: "Settings", lifecycle: Lifecycle, metrics: "Metrics", routes: RouteTable) -> list:
     return [
-        RequestLog(lifecycle, metrics, settings.log_prompts),
+        RequestLog(lifecycle, metrics, settings.log_prompts, routes),
         HeaderLimit(settings.max_header_bytes),
         HostCheck(settings.host, settings.allowed_hosts),
         CORS(settings.cors_origins),
-        Draining(lifecycle),
-        Auth(settings.api_key),
+        Draining(lifecycle, routes),
+        Auth(settings.api_key, routes),
     ]
 
 
@@ -101,7 +91,8 @@ class _WatchedStream:
 
 
 class RequestLog:
-    def __init__(self, lifecycle: Lifecycle, metrics: "Metrics", log_prompts: bool):
+    def __init__(self, lifecycle: Lifecycle, metrics: "Metrics", log_prompts: bool, routes: RouteTable):
+        self.routes = routes
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.log_prompts = log_prompts
@@ -116,8 +107,8 @@ class RequestLog:
         if not hasattr(req.context, "started"):  # pragma: no cover - process_request always runs first
             return
         resp.set_header("X-Request-Id", req.context.request_id)
-        route = route_of(req.path)
-        if route in GENERATION_ROUTES:
+        route = self.routes.label(req.path)
+        if self.routes.is_generation(req.path):
             resp.set_header("X-Shimmy-Cache", getattr(req.context, "cache", "miss"))
         status = resp.status_code if hasattr(resp, "status_code") else int(str(resp.status).split()[0])
         if resp.stream is not None:
@@ -173,7 +164,7 @@ class HeaderLimit:
         size += sum(len(req.env.get(k) or "") for k in ("CONTENT_TYPE", "CONTENT_LENGTH"))
         size += len(req.env.get("PATH_INFO") or "") + len(req.env.get("QUERY_STRING") or "")
         if size > self.limit:
-            raise APIError(431, f"The request headers are larger than {self.limit} bytes.", code="headers_too_large")
+            raise HTTPRefusal(431, f"The request headers are larger than {self.limit} bytes.", code="headers_too_large")
 
 
 # ------------------------------------------------------------------ 3. DNS rebinding
@@ -230,12 +221,12 @@ class HostCheck:
         header = req.env.get("HTTP_HOST")
         if not self.allowed(header):
             name = _host_name(header or "")
-            raise APIError(
+            raise HTTPRefusal(
                 403,
                 f"Requests for the host {name!r} are refused: this server answers requests addressed to "
                 f"this machine (a web page may be trying a DNS rebinding attack). If {name!r} is yours, "
                 f"start Shimmy with --allowed-host {name}.",
-                type="permission_error", code="host_not_allowed",
+                code="host_not_allowed",
             )
 
 
@@ -286,11 +277,11 @@ class CORS:
         if origin is None:
             return
         if not self.allowed(origin):
-            raise APIError(
+            raise HTTPRefusal(
                 403,
                 f"Requests from the web origin {origin!r} are refused. Start Shimmy with --cors-origin {origin} "
                 "to let pages from it call the API.",
-                type="permission_error", code="origin_not_allowed",
+                code="origin_not_allowed",
             )
         if req.method == "OPTIONS" and req.get_header("Access-Control-Request-Method"):
             requested = req.get_header("Access-Control-Request-Headers")
@@ -314,11 +305,12 @@ class CORS:
 
 # ------------------------------------------------------------------ 5. shutdown
 class Draining:
-    def __init__(self, lifecycle: Lifecycle):
+    def __init__(self, lifecycle: Lifecycle, routes: RouteTable):
         self.lifecycle = lifecycle
+        self.routes = routes
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if self.lifecycle.draining and route_of(req.path) not in ("/health", "/metrics"):
+        if self.lifecycle.draining and self.routes.label(req.path) not in CORE_ROUTES:
             raise ShuttingDown()
 
 
@@ -332,11 +324,12 @@ class Auth:
     without credentials) needs ``Authorization: Bearer KEY``.  The key is compared with every
     configured key in constant time (digests of equal length, no early exit)."""
 
-    def __init__(self, keys: Iterable[str]):
+    def __init__(self, keys: Iterable[str], routes: RouteTable):
         self._digests = [_digest(k) for k in keys if k]
+        self.routes = routes
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not self._digests or route_of(req.path) in OPEN_ROUTES or req.method == "OPTIONS":
+        if not self._digests or self.routes.is_open(req.path) or req.method == "OPTIONS":
             return
         scheme, _, token = (req.get_header("Authorization") or "").strip().partition(" ")
         token = token.strip()
@@ -350,6 +343,6 @@ class Auth:
             raise _unauthorized("Incorrect API key provided.")
 
 
-def _unauthorized(message: str) -> APIError:
-    return APIError(401, message, type="invalid_request_error", code="invalid_api_key",
-                    headers={"WWW-Authenticate": 'Bearer realm="shimmy"'})
+def _unauthorized(message: str) -> HTTPRefusal:
+    return HTTPRefusal(401, message, code="invalid_api_key",
+                       headers={"WWW-Authenticate": 'Bearer realm="shimmy"'})

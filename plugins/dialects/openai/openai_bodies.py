@@ -6,7 +6,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from shimmy_core.contract.generation import TokenLogprob, ToolCallDelta, ToolExecuted, Usage
+from shimmy_core.plugin_api import TokenLogprob, ToolCallDelta, ToolExecuted, Usage
 
 SYSTEM_FINGERPRINT = "shimmy"
 

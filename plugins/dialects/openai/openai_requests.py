@@ -12,11 +12,19 @@ import math
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from shimmy_core.contract.generation import GenerationRequest, OutputFormat, SamplingParams, UnsupportedOutputSchema
-from shimmy_core.openai_api.errors import APIError, invalid
-from shimmy_core.parsed_request import ParsedRequest
-from shimmy_core.tools.loop import RequestedTool, ToolRequest
-from shimmy_core.tools.schemas import json_path
+from shimmy_core.plugin_api import (
+    check_schema,
+    GenerationRequest,
+    json_path,
+    OutputFormat,
+    ParsedRequest,
+    RequestedTool,
+    SamplingParams,
+    SchemaProblem,
+    ToolRequest,
+    UnsupportedOutputSchema,
+)
+from shimmy_plugins.dialects.openai.openai_errors import APIError, invalid
 
 MAX_DEPTH = 64
 MAX_STOP = 16
@@ -415,8 +423,6 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
 
 
 def _user_schema(schema, param: str) -> None:
-    from shimmy_core.tools.schemas import SchemaProblem, check_schema
-
     try:
         check_schema(schema)
     except SchemaProblem as exc:

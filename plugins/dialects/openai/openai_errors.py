@@ -1,23 +1,18 @@
-"""The OpenAI error envelope and the mapping from exceptions to it."""
+"""The OpenAI error envelope and the mapping from the core's neutral errors to it."""
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import traceback
 
-import falcon
-
-from shimmy_core.contract.generation import (
+from shimmy_core.plugin_api import (
     BackendUnavailable,
+    HTTPRefusal,
     InvalidRequest,
     ModelLoadError,
     ModelNotFound,
+    neutral_error,
     Overloaded,
 )
-
-log = logging.getLogger("shimmy")
 
 _STATUS_TYPE = {
     400: "invalid_request_error",
@@ -77,10 +72,11 @@ def model_not_found(model: str) -> APIError:
 
 
 def from_exception(exc: BaseException) -> APIError:
-    """Map any exception to an :class:`APIError`: the core's neutral errors
-    (:mod:`shimmy_core.contract.generation`) keep their meaning in OpenAI's shape."""
+    """Map any exception to an :class:`APIError`: the core's neutral errors keep their meaning
+    in OpenAI's shape; anything unknown is an internal error (logged by ``neutral_error``)."""
     if isinstance(exc, APIError):
         return exc
+    exc = neutral_error(exc)
     if isinstance(exc, InvalidRequest):
         return APIError(400, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, ModelNotFound):
@@ -93,27 +89,14 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(503, str(exc), code="backend_unavailable")
     if isinstance(exc, ModelLoadError):
         return APIError(500, str(exc), code="model_load_failed")
-    if isinstance(exc, falcon.HTTPError):
-        status = int(str(exc.status).split()[0]) if not isinstance(exc.status, int) else exc.status
-        message = exc.description or exc.title or str(exc.status)
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
-        return APIError(status, message, code=code, headers=dict(exc.headers or {}))
-    log.error("internal error: %s", "".join(traceback.format_exception(exc)))
-    return APIError(500, "The server had an internal error while processing the request.", code="internal_error")
+    if isinstance(exc, HTTPRefusal):
+        # OpenAI answers a wrong or missing key with type invalid_request_error, not authentication_error
+        kind = "invalid_request_error" if exc.code == "invalid_api_key" else None
+        return APIError(exc.status, exc.message, type=kind, code=exc.code, headers=exc.headers)
+    return APIError(500, str(exc), code="internal_error")
 
 
-def handle_error(req: falcon.Request, resp: falcon.Response, exc: BaseException, params: dict) -> None:
-    """Falcon error handler: every error leaves as OpenAI JSON, never a traceback."""
+def error_response(exc: BaseException) -> tuple[int, dict[str, str], dict]:
+    """``(status, headers, body)`` of any exception in OpenAI's envelope."""
     err = from_exception(exc)
-    resp.status = err.status
-    resp.content_type = falcon.MEDIA_JSON
-    for name, value in err.headers.items():
-        if name.lower() != "content-type":
-            resp.set_header(name, value)
-    resp.text = json.dumps(err.body())
-    resp.stream = None
-
-
-def add_error_handlers(app: falcon.App) -> None:
-    app.add_error_handler(Exception, handle_error)
-    app.add_error_handler(falcon.HTTPError, handle_error)
+    return err.status, err.headers, err.body()

@@ -1,17 +1,21 @@
-"""Turn a run's neutral ``(index, chunk)`` events into a whole OpenAI response
-or into a stream of SSE bytes."""
+"""Turn a run's neutral ``(index, chunk)`` events into a whole OpenAI response or into a
+stream of server-sent events (the one place that frames ``data: ...`` lines)."""
 
 from __future__ import annotations
 
-import logging
+import json
 from typing import Callable, Iterable, Iterator
 
-from shimmy_core.contract.generation import Chunk, Finish, TextDelta, ToolCallDelta, ToolExecuted, Usage
-from shimmy_core.openai_api import sse
-from shimmy_core.openai_api.errors import from_exception
-from shimmy_core.openai_api.responses import ChoiceState, ResponseBuilder, executed_body
+from shimmy_core.plugin_api import Chunk, Finish, TextDelta, ToolCallDelta, ToolExecuted, Usage
+from shimmy_plugins.dialects.openai.openai_bodies import ChoiceState, ResponseBuilder, executed_body
+from shimmy_plugins.dialects.openai.openai_errors import from_exception
 
-log = logging.getLogger("shimmy")
+DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(payload: dict) -> bytes:
+    """One SSE event carrying a JSON object."""
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
 def collect(builder: ResponseBuilder, events: Iterable[tuple[int, Chunk]]) -> dict:
@@ -50,26 +54,26 @@ def stream(
         for index, chunk in events:
             if builder.kind == "chat" and index not in started:
                 started.add(index)
-                yield sse.event(builder.role_chunk(index, include_usage))
+                yield sse_event(builder.role_chunk(index, include_usage))
             if isinstance(chunk, TextDelta):
                 if chunk.text or chunk.logprobs:
                     offset = offsets.get(index, 0)
                     offsets[index] = offset + len(chunk.text)
-                    yield sse.event(builder.text_chunk(index, chunk.text, chunk.logprobs, offset, include_usage))
+                    yield sse_event(builder.text_chunk(index, chunk.text, chunk.logprobs, offset, include_usage))
             elif isinstance(chunk, ToolCallDelta):
-                yield sse.event(builder.tool_call_chunk(index, chunk, include_usage))
+                yield sse_event(builder.tool_call_chunk(index, chunk, include_usage))
             elif isinstance(chunk, ToolExecuted):
-                yield sse.event(builder.executed_chunk(index, chunk, include_usage))
+                yield sse_event(builder.executed_chunk(index, chunk, include_usage))
             elif isinstance(chunk, Finish):
-                yield sse.event(builder.finish_chunk(index, chunk.reason, include_usage))
+                yield sse_event(builder.finish_chunk(index, chunk.reason, include_usage))
             elif isinstance(chunk, Usage):
                 usages.append(chunk)
         if include_usage:
-            yield sse.event(builder.usage_chunk(usages))
+            yield sse_event(builder.usage_chunk(usages))
     except GeneratorExit:
         raise
     except Exception as exc:  # headers are gone: report in-band, never silence
-        yield sse.event(from_exception(exc).body())
+        yield sse_event(from_exception(exc).body())
     finally:
         on_close()
-    yield sse.DONE
+    yield DONE
