@@ -106,8 +106,10 @@ class CompletionService:
             raise InvalidRequest(str(exc), param=exc.param, code=exc.code) from None
         return plan if plan.active else None
 
-    def start(self, parsed: ParsedRequest, disconnected: Callable[[], bool] = lambda: False) -> Run:
-        info = self.resolve(parsed.model)
+    def start(self, parsed: ParsedRequest, disconnected: Callable[[], bool] = lambda: False,
+              info: ModelInfo | None = None) -> Run:
+        """Start a run; ``info`` is the model when the caller has resolved it already."""
+        info = info or self.resolve(parsed.model)
         model = self.manager.get(info)
         plan = self._plan(parsed)
         native = bool(getattr(model, "renders_tools", False))

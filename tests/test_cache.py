@@ -243,8 +243,8 @@ def test_a_cancelled_stream_is_not_stored(api):
 def test_an_answer_that_ran_a_server_side_tool_is_not_stored(api, monkeypatch):
     start = CompletionService.start
 
-    def start_with_tools(self, parsed, disconnected=lambda: False):
-        run = start(self, parsed, disconnected)
+    def start_with_tools(self, parsed, disconnected=lambda: False, info=None):
+        run = start(self, parsed, disconnected, info)
         run.uses_server_tools = True
         return run
 

@@ -94,7 +94,7 @@ class Generation:
         started = getattr(ctx, "started", None) or time.perf_counter()
         ctx.model = parsed.model
         ctx.prompt = prompt_text(parsed)
-        key = None
+        key, info = None, None
         read, write = bypass(req.get_header("Cache-Control"))
         if server.cache.enabled and cacheable(parsed) and (read or write):
             info = server.service.resolve(parsed.model)
@@ -115,7 +115,7 @@ class Generation:
         def disconnected() -> bool:
             return client_gone() or lifecycle.expired()
 
-        run = server.service.start(parsed, disconnected)
+        run = server.service.start(parsed, disconnected, info)
         ctx.model = run.info.id
         return run.info.id, observe(self._run_events(run, key, disconnected, started), ctx, started)
 
