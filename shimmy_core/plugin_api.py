@@ -39,6 +39,8 @@ from shimmy_core.contract.generation import (
     Overloaded,
     PENALTY_LAST_N,
     PreparedPrompt,
+    ReasoningDelta,
+    ReasoningOptions,
     SamplingParams,
     TextDelta,
     TokenLogprob,
@@ -98,7 +100,7 @@ __all__ = [
     "add_all", "add_named", "config_context_length", "file_names", "read_json", "RegistryError", "load_entries", "registry_path",
     # backends: requests, chunks, errors
     "Backend", "LoadedModel", "ChoicesModel", "GenerationRequest", "SamplingParams", "OutputFormat", "PENALTY_LAST_N",
-    "PreparedPrompt", "Chunk",
+    "PreparedPrompt", "Chunk", "ReasoningDelta", "ReasoningOptions",
     "TextDelta", "Finish", "Usage", "TokenLogprob", "TopLogprob", "ToolCallDelta", "ToolExecuted",
     "BackendError", "BackendUnavailable", "ContextLengthExceeded", "InvalidPrompt", "InvalidRequest", "ModelLoadError", "Overloaded",
     "UnsupportedOutputSchema",

@@ -133,6 +133,17 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ReasoningOptions:
+    """How much a thinking model thinks.  ``effort``: ``"none"`` turns thinking off through the
+    template's own switch; ``"minimal"``, ``"low"``, ``"medium"``, ``"high"`` turn it on (and reach
+    templates that take an effort); ``None``: the model's default.  ``budget_tokens``: most
+    reasoning tokens before the answer is forced (``None``: the server's default, 0: no limit)."""
+
+    effort: str | None = None
+    budget_tokens: int | None = None
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One prompt: either chat ``messages`` or a raw ``prompt``."""
 
@@ -143,6 +154,7 @@ class GenerationRequest:
     # ``tools`` variable.  Only set for models whose ``renders_tools`` is true (see LoadedModel);
     # for the others the core writes the tools into the messages itself.
     tools: tuple[dict, ...] | None = None
+    reasoning: ReasoningOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +190,14 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ReasoningDelta:
+    """A piece of a thinking model's reasoning, kept apart from the answer's text (the core's
+    reasoning parser makes these from the model's own markers; backends emit only text)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Finish:
     reason: str  # "stop" | "length" | "tool_calls"
 
@@ -208,11 +228,12 @@ class ToolExecuted:
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int            # reasoning tokens included, as OpenAI counts them
     cached_tokens: int = 0
+    reasoning_tokens: int = 0
 
 
-Chunk = Union[TextDelta, ToolCallDelta, ToolExecuted, Finish, Usage]
+Chunk = Union[TextDelta, ReasoningDelta, ToolCallDelta, ToolExecuted, Finish, Usage]
 
 
 # ---------------------------------------------------------------- protocols
