@@ -655,6 +655,7 @@ class ChatTemplate:
             raise ValueError("max_output_chars must be positive")
         if time_budget_s <= 0:
             raise ValueError("time_budget_s must be positive")
+        self.source = source
         self._bos_token = bos_token
         self._eos_token = eos_token
         self._max_output_chars = max_output_chars

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-invariant", action="store_const", const=True,
                        help="GGUF models: load weights unrepacked, so that a stream's numbers never depend "
                             "on how many others share its steps (slower prompts for Q4_0/Q4_K/IQ4_NL)")
+    serve.add_argument("--reasoning-budget", type=int, metavar="N",
+                       help="thinking models: end the reasoning after N tokens and force the answer "
+                            "(-1: no limit, the default; 0: answer at once)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"],
                        help="SafeTensors models: where to run (default auto)")
     serve.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],

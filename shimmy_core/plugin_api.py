@@ -41,6 +41,7 @@ from shimmy_core.contract.generation import (
     PreparedPrompt,
     ReasoningDelta,
     ReasoningOptions,
+    ReasoningSyntax,
     SamplingParams,
     TextDelta,
     TokenLogprob,
@@ -100,7 +101,7 @@ __all__ = [
     "add_all", "add_named", "config_context_length", "file_names", "read_json", "RegistryError", "load_entries", "registry_path",
     # backends: requests, chunks, errors
     "Backend", "LoadedModel", "ChoicesModel", "GenerationRequest", "SamplingParams", "OutputFormat", "PENALTY_LAST_N",
-    "PreparedPrompt", "Chunk", "ReasoningDelta", "ReasoningOptions",
+    "PreparedPrompt", "Chunk", "ReasoningDelta", "ReasoningOptions", "ReasoningSyntax",
     "TextDelta", "Finish", "Usage", "TokenLogprob", "TopLogprob", "ToolCallDelta", "ToolExecuted",
     "BackendError", "BackendUnavailable", "ContextLengthExceeded", "InvalidPrompt", "InvalidRequest", "ModelLoadError", "Overloaded",
     "UnsupportedOutputSchema",

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from shimmy_core import __version__
-from shimmy_core.contract.generation import Chunk, Finish, TextDelta, TokenLogprob, TopLogprob, Usage
+from shimmy_core.contract.generation import Chunk, Finish, ReasoningDelta, TextDelta, TokenLogprob, TopLogprob, Usage
 from shimmy_core.contract.model_info import ModelInfo
 from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.contract.settings import Settings
@@ -45,7 +45,7 @@ IGNORED_FIELDS = frozenset({"model", "stream", "stream_options", "user", "metada
 # Settings that change what the server answers to the same request (the enabled server-side
 # tools too: with one enabled, a model's text-protocol call runs instead of staying text).
 OUTPUT_SETTINGS = ("ctx_size", "max_ctx", "max_tokens_ceiling", "gpu_layers", "device", "dtype", "batch_size",
-                   "batch_invariant", "enable_tools", "tool_max_steps")
+                   "batch_invariant", "reasoning_budget", "enable_tools", "tool_max_steps")
 # Entries larger than this (as JSON) are not stored.
 MAX_ENTRY_BYTES = 8 * 1024 * 1024
 _WARN_EVERY_S = 60.0
@@ -145,10 +145,17 @@ class Recorder:
                 last[3].extend(_logprobs_json(chunk.logprobs))
             else:
                 self.events.append(["t", index, chunk.text, _logprobs_json(chunk.logprobs)])
+        elif isinstance(chunk, ReasoningDelta):
+            last = self.events[-1] if self.events else None
+            if last and last[0] == "r" and last[1] == index:
+                last[2] += chunk.text
+            else:
+                self.events.append(["r", index, chunk.text])
         elif isinstance(chunk, Finish):
             self.events.append(["f", index, chunk.reason])
         elif isinstance(chunk, Usage):
-            self.events.append(["u", index, chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens])
+            self.events.append(["u", index, chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens,
+                                chunk.reasoning_tokens])
         else:
             self.storable = False
 
@@ -169,10 +176,12 @@ def replay(entry: dict) -> Iterator[tuple[int, Chunk]]:
         tag, index = event[0], int(event[1])
         if tag == "t":
             yield index, TextDelta(str(event[2]), _logprobs_from(event[3]))
+        elif tag == "r":
+            yield index, ReasoningDelta(str(event[2]))
         elif tag == "f":
             yield index, Finish(str(event[2]))
         else:
-            yield index, Usage(int(event[2]), int(event[3]), int(event[4]))
+            yield index, Usage(int(event[2]), int(event[3]), int(event[4]), int(event[5]) if len(event) > 5 else 0)
 
 
 def valid_entry(entry: Any, kind: str) -> bool:
@@ -189,11 +198,11 @@ def valid_entry(entry: Any, kind: str) -> bool:
                 if not isinstance(event[2], str):
                     return False
                 _logprobs_from(event[3])
-            elif tag == "f":
+            elif tag in ("f", "r"):
                 if not isinstance(event[2], str):
                     return False
             elif tag == "u":
-                int(event[2]), int(event[3]), int(event[4])
+                int(event[2]), int(event[3]), int(event[4]), int(event[5]) if len(event) > 5 else 0
             else:
                 return False
             if not isinstance(event[1], int) or event[1] < 0:

@@ -29,6 +29,7 @@ from shimmy_core.catalog import ModelCatalog, ModelManager
 from shimmy_core.contract.model_info import ModelInfo
 from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.contract.settings import Settings
+from shimmy_core.reasoning import ReasoningParser, forced_close, split_reasoning
 from shimmy_core.tools import tool_prompts
 from shimmy_core.tools.loop import ToolPlan, ToolRequestError, with_tool_calls
 from shimmy_core.tools.toolbox import ToolBox
@@ -83,6 +84,49 @@ def _submit(model: LoadedModel, choices, cancelled) -> Iterator[tuple[int, Chunk
     return generate(choices, cancelled) if generate else sequential_choices(model, choices, cancelled)
 
 
+def _with_prompt_usage(chunks: Iterator[tuple[int, Chunk]], prompt_tokens: int) -> Iterator[tuple[int, Chunk]]:
+    """A continuation's chunks, its usage counting the original prompt (its own prompt is that
+    prompt plus what was generated before, which was counted as completion)."""
+    try:
+        for index, chunk in chunks:
+            if isinstance(chunk, Usage):
+                chunk = dataclasses.replace(chunk, prompt_tokens=prompt_tokens,
+                                            cached_tokens=min(chunk.cached_tokens, prompt_tokens))
+            yield index, chunk
+    finally:
+        streams.close(chunks)
+
+
+def generate(model: LoadedModel, request: GenerationRequest, choices: list[tuple[PreparedPrompt, SamplingParams]],
+             cancelled: Callable[[], bool], default_budget: int = -1) -> Iterator[tuple[int, Chunk]]:
+    """Submit the choices; a thinking model's reasoning comes apart from its answer
+    (:mod:`shimmy_core.reasoning`).  With one choice, its reasoning budget (the request's, else
+    ``default_budget``; -1: none) is enforced: past it, the generation continues from the
+    reasoning closed (the prefix cache makes that cheap)."""
+    parsers = {i: ReasoningParser(p.reasoning, p.thinking) for i, (p, _) in enumerate(choices) if p.reasoning}
+    if not parsers:
+        return _submit(model, choices, cancelled)
+    options = request.reasoning
+    budget = options.budget_tokens if options is not None and options.budget_tokens is not None else default_budget
+    if len(choices) != 1 or budget < 0:
+        return split_reasoning(_submit(model, choices, cancelled), parsers)
+    prepared, params = choices[0]
+
+    def force(raw: str) -> Iterator[tuple[int, Chunk]]:
+        left = prepared.max_tokens - parsers[0].tokens
+        if left <= 0:
+            return iter([(0, Finish("length")), (0, Usage(len(prepared.tokens), 0))])
+        text = prepared.text + raw + forced_close(prepared.reasoning)
+        following = GenerationRequest(prompt=text, params=dataclasses.replace(params, max_tokens=left), continues=True)
+        again = model.prepare(following)
+        return _with_prompt_usage(_submit(model, [(again, following.params)], cancelled), len(prepared.tokens))
+
+    if budget == 0 and prepared.thinking:  # no reasoning at all: the answer is forced at once
+        parsers[0].end_thinking()
+        return split_reasoning(force(""), parsers)
+    return split_reasoning(_submit(model, choices, cancelled), parsers, budget, force)
+
+
 class CompletionService:
     def __init__(self, catalog: ModelCatalog, manager: ModelManager, settings: Settings,
                  tools: ToolBox | None = None):
@@ -133,11 +177,12 @@ class CompletionService:
                 if params.seed is not None and c:
                     params = dataclasses.replace(params, seed=params.seed + c)
                 choices.append((prompt, params))
-        chunks = _submit(model, choices, cancelled)
+        budget = self.settings.reasoning_budget
+        chunks = generate(model, requests[0], choices, cancelled, budget)
         run = Run(parsed, info, model, prepared, chunks, uses_server_tools=bool(plan and plan.server))
         if plan is not None and plan.loops:
             def step(request: GenerationRequest) -> Iterator[tuple[int, Chunk]]:
-                return _submit(model, [(model.prepare(request), request.params)], cancelled)
+                return generate(model, request, [(model.prepare(request), request.params)], cancelled, budget)
 
             def executed() -> None:
                 run.uses_server_tools = True

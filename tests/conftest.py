@@ -204,12 +204,24 @@ def start_server(tmp_path_factory):
         server.stop()
 
 
+def serve_model(start_server, path: Path, *args: str) -> ServerProcess:
+    """`shimmy serve --model PATH --no-demo ARGS`, once it answers /health."""
+    srv = start_server(["--model", str(path), "--no-demo", *args])
+    httpx.get(srv.base + "/health", timeout=30).raise_for_status()
+    return srv
+
+
+def sdk_client(server: ServerProcess):
+    """The official openai SDK pointed at a server (no retries: a 5xx must show)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url, api_key="sk-local", max_retries=0, timeout=120)
+
+
 @pytest.fixture(scope="session")
 def gguf_server(start_server, smollm2_path) -> ServerProcess:
     """One shared `shimmy serve --model SmolLM2` for the end-to-end tests."""
-    srv = start_server(["--model", str(smollm2_path), "--no-demo"])
-    httpx.get(srv.base + "/health", timeout=30).raise_for_status()
-    return srv
+    return serve_model(start_server, smollm2_path)
 
 
 @pytest.fixture(scope="session")
@@ -224,16 +236,12 @@ MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
 @pytest.fixture(scope="session")
 def safetensors_server(start_server, safetensors_model_path) -> ServerProcess:
     """`shimmy serve --model <SafeTensors folder>`."""
-    srv = start_server(["--model", str(safetensors_model_path), "--no-demo"])
-    httpx.get(srv.base + "/health", timeout=30).raise_for_status()
-    return srv
+    return serve_model(start_server, safetensors_model_path)
 
 
 @pytest.fixture(scope="session")
 def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=server.url, api_key="sk-local", max_retries=0, timeout=120)
+    return sdk_client(server)
 
 
 @pytest.fixture(scope="session")

@@ -522,6 +522,7 @@ LLAMA_FUNCTIONS = {
     "llama_memory_seq_rm": (GGUF_ENGINE, 4),
     "llama_memory_seq_cp": (GGUF_ENGINE, 5),
     "llama_sampler_init_grammar": (GGUF_ENGINE, 3),
+    "llama_sampler_init_grammar_lazy_patterns": (GGUF_ENGINE, 7),
     "llama_sampler_chain_add": (GGUF_ENGINE, 2),
     "llama_sampler_free": (GGUF_ENGINE, 1),
     "llama_vocab_is_eog": (GGUF_ENGINE, 2),

@@ -155,6 +155,20 @@ class GenerationRequest:
     # for the others the core writes the tools into the messages itself.
     tools: tuple[dict, ...] | None = None
     reasoning: ReasoningOptions | None = None
+    # ``prompt`` is a chat prompt rendered earlier plus what the model wrote since (the answer
+    # forced after a reasoning budget): tokenized as that chat prompt was, with its stops.
+    continues: bool = False
+
+
+@dataclass(frozen=True)
+class ReasoningSyntax:
+    """How a model's template marks its reasoning: between ``open`` and ``close``; for
+    templates with channels (gpt-oss) the answer starts after ``answer_start``, and what comes
+    between ``close`` and it is neither reasoning nor answer."""
+
+    open: str
+    close: str
+    answer_start: str = ""
 
 
 @dataclass(frozen=True)
@@ -165,6 +179,8 @@ class PreparedPrompt:
     tokens: tuple[int, ...]
     max_tokens: int                     # tokens this prompt may still generate
     stop: tuple[str, ...] = ()          # request stop strings plus the model's end-of-turn strings
+    reasoning: ReasoningSyntax | None = None  # the model's reasoning markers (None: it does not think)
+    thinking: bool = False              # the prompt ends inside the reasoning (the template opened it)
 
 
 # ---------------------------------------------------------------- chunks

@@ -37,6 +37,7 @@ class Settings:
     queue_timeout: float = 60.0           # seconds a request may wait for a slot
     batch_size: int = 512                 # llama.cpp logical batch (prompt chunk per step)
     batch_invariant: bool = False         # GGUF: no repacked weights, so batching changes no number
+    reasoning_budget: int = -1            # most reasoning tokens of a thinking model; -1: no limit, 0: none
     device: str = "auto"                  # SafeTensors backend: auto, cpu, cuda, mps
     dtype: str = "auto"                   # SafeTensors backend: auto, float32, float16, bfloat16
     max_tokens_ceiling: int = 4096        # server-side cap on generated tokens per choice

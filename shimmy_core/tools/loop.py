@@ -180,10 +180,11 @@ class ToolPlan:
         if text_tools and self.text_tools and TEXT_TOOL_CLOSE not in params.stop:
             params = dataclasses.replace(params, stop=params.stop + (TEXT_TOOL_CLOSE,))
         if native:
-            return GenerationRequest(messages=tuple(messages), params=params, tools=tuple(tools) or None)
+            return GenerationRequest(messages=tuple(messages), params=params, tools=tuple(tools) or None,
+                                     reasoning=base.reasoning)
         if tools or tool_prompts.needs_rewrite(messages):
             messages = tool_prompts.generic_messages(messages, tools, hint)
-        return GenerationRequest(messages=tuple(messages), params=params)
+        return GenerationRequest(messages=tuple(messages), params=params, reasoning=base.reasoning)
 
     def parser(self, choice: str, text_tools: bool = True) -> ToolCallParser:
         return ToolCallParser(self._names(choice), self.text_tools if text_tools else ())

@@ -783,3 +783,11 @@ def _failing_tool(tools: list[tuple[str, Any]]) -> str:
         except UnsupportedSchema:
             return name
     return tools[0][0]
+
+
+def after_reasoning(grammar: str) -> str:
+    """The grammar for output that starts after the model's reasoning: whitespace may come first
+    (llama.cpp applies it lazily, from the end of the reasoning on)."""
+    first, _, rest = grammar.partition("\n")
+    assert first.startswith("root ::= ")
+    return f"root ::= [ \\t\\n]* ( {first[len('root ::= '):]} )\n{rest}"

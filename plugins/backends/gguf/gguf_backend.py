@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import threading
 from typing import Callable, Iterator, Sequence
 
@@ -28,7 +29,7 @@ from shimmy_core.plugin_api import (
     template_stop_strings,
     TemplateError,
 )
-from shimmy_plugins.backends.gguf.gbnf import compile_output
+from shimmy_plugins.backends.gguf.gbnf import after_reasoning, compile_output
 from shimmy_plugins.backends.gguf.gguf_engine import Engine
 
 GRAMMAR_CACHE = 64   # compiled output formats kept per model
@@ -169,8 +170,19 @@ class GGUFModel(ChoicesModel):
         self, choices: Sequence[tuple[PreparedPrompt, SamplingParams]], cancelled: Callable[[], bool]
     ) -> Iterator[tuple[int, Chunk]]:
         """All choices run as parallel sequences; raises ``Overloaded`` before any output."""
-        grammars = [self._grammar(params.output) if params.output is not None else None for _, params in choices]
-        return self.engine.submit(choices, cancelled, grammars)
+        return self.engine.submit(choices, cancelled, [self._constraint(p, params) for p, params in choices])
+
+    def _constraint(self, prepared: PreparedPrompt, params: SamplingParams) -> tuple[str, str | None] | None:
+        """(GBNF, trigger pattern) for one choice.  A prompt that leaves the model inside its
+        reasoning gets the grammar lazily: free until the reasoning ends, constrained after."""
+        if params.output is None:
+            return None
+        grammar = self._grammar(params.output)
+        syntax = prepared.reasoning
+        if not prepared.thinking or syntax is None:
+            return grammar, None
+        marker = syntax.answer_start or syntax.close
+        return after_reasoning(grammar), r"[\s\S]*?" + re.escape(marker) + r"([\s\S]*)"
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()

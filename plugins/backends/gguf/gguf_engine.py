@@ -59,7 +59,9 @@ class Job:
     prepared: PreparedPrompt
     params: SamplingParams
     sink: "Sink"
-    grammar: str | None = None   # GBNF (root rule "root") the output must follow
+    # GBNF (root rule "root") the output must follow, and a trigger pattern: with one, the grammar
+    # applies from where the generated text first matches it (its first group) on
+    constraint: tuple[str, str | None] | None = None
     # engine-side state
     slot: "Slot | None" = None
     fed: int = 0                 # prompt tokens already in the KV cache
@@ -237,18 +239,18 @@ class Engine:
     # ------------------------------------------------------------ request side
     def submit(
         self, choices: Sequence[tuple[PreparedPrompt, SamplingParams]], cancelled: Callable[[], bool],
-        grammars: Sequence[str | None] | None = None,
+        constraints: Sequence[tuple[str, str | None] | None] | None = None,
     ) -> Iterator[tuple[int, Chunk]]:
         """Queue every choice; wait until the first one has a slot; return the merged chunks.
-        ``grammars[i]`` is the GBNF choice ``i`` samples under (``None``: free).
+        ``constraints[i]`` is the (GBNF, trigger pattern) choice ``i`` samples under (``None``: free).
 
         Raises :class:`Overloaded` (a 503) when the queue cannot take them or the wait
         for a slot passes the queue timeout, before anything reached the client.
         """
         sink = Sink(self.wake)
-        grammars = grammars or [None] * len(choices)
-        jobs = [Job(i, prepared, params, sink, grammar)
-                for i, ((prepared, params), grammar) in enumerate(zip(choices, grammars))]
+        constraints = constraints or [None] * len(choices)
+        jobs = [Job(i, prepared, params, sink, constraint)
+                for i, ((prepared, params), constraint) in enumerate(zip(choices, constraints))]
         with self._lock:
             busy = sum(1 for s in self._slots if s.job is not None)
             check_room(len(self._waiting), busy, len(self._slots), len(jobs), self._queue_size)
@@ -348,7 +350,7 @@ class Engine:
             self._admitted += 1
             slot.job, job.slot, slot.used = job, slot, self._admitted
             job.fed = keep
-            job.sampler = self._sampler(job.params, job.grammar)
+            job.sampler = self._sampler(job.params, job.constraint)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             job.text = ChoiceText(job.prepared.stop, len(tokens), decoder.decode,
                                   lambda d=decoder: d.decode(b"", final=True))
@@ -504,13 +506,19 @@ class Engine:
             job.last_token = token
 
     # ------------------------------------------------------------ sampling
-    def _sampler(self, params: SamplingParams, grammar: str | None):
+    def _sampler(self, params: SamplingParams, constraint: tuple[str, str | None] | None):
         from llama_cpp._internals import LlamaSampler
 
         sampler = LlamaSampler()
-        if grammar:
-            constraint = self._llama.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
-            self._llama.llama_sampler_chain_add(sampler.sampler, constraint)
+        if constraint is not None:
+            grammar, trigger = constraint
+            if trigger is None:
+                added = self._llama.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+            else:
+                patterns = (ctypes.c_char_p * 1)(trigger.encode("utf-8"))
+                added = self._llama.llama_sampler_init_grammar_lazy_patterns(
+                    self._vocab, grammar.encode("utf-8"), b"root", patterns, 1, (self._llama.llama_token * 0)(), 0)
+            self._llama.llama_sampler_chain_add(sampler.sampler, added)
         if params.logit_bias:
             sampler.add_logit_bias(self._n_vocab, dict(params.logit_bias))
         if params.presence_penalty or params.frequency_penalty:

@@ -17,6 +17,7 @@ class ChoiceState:
 
     index: int
     text: str = ""
+    reasoning: str = ""   # a thinking model's reasoning (reasoning_content), kept apart from text
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     logprob_offset: int = 0   # where the first token with logprobs starts in text (after an echo)
@@ -52,6 +53,8 @@ def _message(c: ChoiceState) -> dict:
         "content": c.text if c.text or not c.tool_calls else None,
         "refusal": None,
     }
+    if c.reasoning:  # as llama-server, vLLM and DeepSeek's API put it; absent for models that do not think
+        message["reasoning_content"] = c.reasoning
     if c.tool_calls:
         message["tool_calls"] = c.tool_calls
     if c.executed:
@@ -63,12 +66,16 @@ def usage_body(usages: list[Usage]) -> dict:
     prompt = sum(u.prompt_tokens for u in usages)
     completion = sum(u.completion_tokens for u in usages)
     cached = sum(u.cached_tokens for u in usages)
-    return {
+    reasoning = sum(u.reasoning_tokens for u in usages)
+    body = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+    if reasoning:
+        body["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return body
 
 
 def _chat_logprob(lp: TokenLogprob) -> dict:
@@ -180,6 +187,11 @@ class ResponseBuilder:
                 "logprobs": _completion_logprobs(list(logprobs), offset) if self.want_logprobs else None,
                 "finish_reason": None,
             }
+        return self._chunk([choice], None, include_usage)
+
+    def reasoning_chunk(self, index: int, text: str, include_usage: bool) -> dict:
+        """A piece of a chat choice's reasoning (``delta.reasoning_content``)."""
+        choice = {"index": index, "delta": {"reasoning_content": text}, "logprobs": None, "finish_reason": None}
         return self._chunk([choice], None, include_usage)
 
     def tool_call_chunk(self, index: int, delta: ToolCallDelta, include_usage: bool) -> dict:

@@ -18,6 +18,7 @@ from shimmy_core.plugin_api import (
     json_path,
     OutputFormat,
     ParsedRequest,
+    ReasoningOptions,
     RequestedTool,
     SamplingParams,
     SchemaProblem,
@@ -179,6 +180,7 @@ CHAT_SCHEMA = {
                     "name": {"type": "string"},
                     "tool_call_id": {"type": "string"},
                     "tool_calls": {"type": ["array", "null"], "maxItems": MAX_TOOLS, "items": _TOOL_CALL},
+                    "reasoning_content": {"type": ["string", "null"]},
                 },
             },
         },
@@ -188,6 +190,9 @@ CHAT_SCHEMA = {
         "tool_choice": _TOOL_CHOICE,
         "parallel_tool_calls": {"type": ["boolean", "null"]},
         "response_format": _RESPONSE_FORMAT,
+        # thinking models: the template's own switch, and llama-server's per-request budget
+        "reasoning_effort": {"enum": [None, "none", "minimal", "low", "medium", "high", "xhigh", "max"]},
+        "thinking_budget_tokens": {"type": ["integer", "null"], "minimum": -1, "maximum": _INT32},
     },
 }
 
@@ -346,7 +351,7 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
     if options is not None and not stream:
         raise invalid("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
     # JSON Schema counts 2.0 as an integer; the backends get real ints.
-    for key in ("n", "max_tokens", "max_completion_tokens", "seed", "top_logprobs", "best_of"):
+    for key in ("n", "max_tokens", "max_completion_tokens", "seed", "top_logprobs", "best_of", "thinking_budget_tokens"):
         if body.get(key) is not None:
             body[key] = int(body[key])
     if kind == "completion" and body.get("logprobs") is not None:
@@ -396,14 +401,20 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
             text = _message_text(message, i)
             # Templates concatenate content: a null content becomes "" unless tool calls explain it.
             item = {"role": role, "content": "" if text is None and not message.get("tool_calls") else text}
-            for key in ("name", "tool_call_id"):
-                if key in message:
+            for key in ("name", "tool_call_id", "reasoning_content"):
+                if message.get(key) is not None:
                     item[key] = _check_text(message[key], f"messages[{i}].{key}")
             if message.get("tool_calls"):
                 _check_strings(message["tool_calls"], f"messages[{i}].tool_calls")
                 item["tool_calls"] = message["tool_calls"]
             messages.append(item)
-        prompts = (GenerationRequest(messages=tuple(messages), params=params),)
+        reasoning = None
+        budget = body.get("thinking_budget_tokens")
+        if budget is not None and budget >= 0 and n > 1:
+            raise invalid("'thinking_budget_tokens' needs 'n' to be 1.", param="thinking_budget_tokens")
+        if body.get("reasoning_effort") is not None or body.get("thinking_budget_tokens") is not None:
+            reasoning = ReasoningOptions(body.get("reasoning_effort"), body.get("thinking_budget_tokens"))
+        prompts = (GenerationRequest(messages=tuple(messages), params=params, reasoning=reasoning),)
     else:
         raw = body["prompt"]
         texts = [raw] if isinstance(raw, str) else raw

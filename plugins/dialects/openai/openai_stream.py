@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Callable, Iterable, Iterator
 
-from shimmy_core.plugin_api import Chunk, Finish, TextDelta, ToolCallDelta, ToolExecuted, Usage
+from shimmy_core.plugin_api import Chunk, Finish, ReasoningDelta, TextDelta, ToolCallDelta, ToolExecuted, Usage
 from shimmy_plugins.dialects.openai.openai_bodies import ChoiceState, ResponseBuilder, executed_body
 from shimmy_plugins.dialects.openai.openai_errors import from_exception
 
@@ -29,6 +29,8 @@ def collect(builder: ResponseBuilder, events: Iterable[tuple[int, Chunk]]) -> di
                 state.logprob_offset = len(state.text)
             state.text += chunk.text
             state.logprobs.extend(chunk.logprobs)
+        elif isinstance(chunk, ReasoningDelta):
+            state.reasoning += chunk.text
         elif isinstance(chunk, ToolCallDelta):
             state.add_call_delta(chunk)
         elif isinstance(chunk, ToolExecuted):
@@ -60,6 +62,9 @@ def stream(
                     offset = offsets.get(index, 0)
                     offsets[index] = offset + len(chunk.text)
                     yield sse_event(builder.text_chunk(index, chunk.text, chunk.logprobs, offset, include_usage))
+            elif isinstance(chunk, ReasoningDelta):
+                if chunk.text and builder.kind == "chat":
+                    yield sse_event(builder.reasoning_chunk(index, chunk.text, include_usage))
             elif isinstance(chunk, ToolCallDelta):
                 yield sse_event(builder.tool_call_chunk(index, chunk, include_usage))
             elif isinstance(chunk, ToolExecuted):
