@@ -2,6 +2,9 @@
 
 llama_cpp is imported only when a GGUF model loads.  One loaded model is
 shared by every request: its engine (``gguf_engine``) batches their sequences.
+
+The plugin also registers the GGUF format (:mod:`~shimmy_plugins.backends.gguf.gguf_format`),
+which discovery asks about ``.gguf`` files: disabling the plugin hides both.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from shimmy_core.plugin_api import (
     TemplateError,
 )
 from shimmy_plugins.backends.gguf.gguf_engine import Engine
+from shimmy_plugins.backends.gguf.gguf_format import GGUFFormat
 
 
 def engine_threads(requested: int = 0) -> tuple[int, int]:
@@ -163,3 +167,8 @@ class GGUFModel(ChoicesModel):
 @hookimpl
 def shimmy_register_backends(register):
     register(GGUFBackend())
+
+
+@hookimpl
+def shimmy_register_formats(register):
+    register(GGUFFormat())
