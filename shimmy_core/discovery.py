@@ -61,6 +61,7 @@ UNSUPPORTED_EXTENSIONS = {
     ".ckpt": PICKLE_REFUSAL,
     ".onnx": "ONNX models are not supported",
 }
+_UNSUPPORTED = tuple(UNSUPPORTED_EXTENSIONS)
 
 
 # ------------------------------------------------------------------ results
@@ -125,6 +126,8 @@ class Scanner:
     def __init__(self, formats: Iterable[ModelFormat] = (), max_depth: int = MAX_DEPTH,
                  max_entries: int = MAX_ENTRIES):
         self.formats: tuple[ModelFormat, ...] = tuple(formats)
+        self._claims = [(tuple(fmt.suffixes), fmt) for fmt in self.formats]
+        self._claimed = tuple(suffix for suffixes, _ in self._claims for suffix in suffixes)
         self.max_depth = max_depth
         self.max_entries = max_entries
         self._cache: dict[tuple, tuple[tuple, Any]] = {}
@@ -169,7 +172,7 @@ class Scanner:
             return [Found(path, "", name, Skip("no such file or folder", MISSING))]
         if name.lower().endswith(INCOMPLETE_SUFFIXES):
             return [Found(path, "", name, _incomplete_skip())]
-        claim = self._claimant(name)
+        claim = self._claimant(name.lower())
         for fmt in sorted(self.formats, key=lambda f: f is not claim):
             found = fmt.inspect_path(path, self)
             if found is not None:
@@ -183,9 +186,11 @@ class Scanner:
         found = fmt.inspect_path(path, self) if fmt is not None else None
         return _unrecognized(f"{format_name} files") if found is None else found.result
 
-    def _claimant(self, name: str) -> ModelFormat | None:
-        low = name.lower()
-        return next((f for f in self.formats if low.endswith(tuple(f.suffixes))), None)
+    def _claimant(self, low: str) -> ModelFormat | None:
+        """The format that claims a (lower-case) file name: the first whose suffixes match."""
+        if not low.endswith(self._claimed):
+            return None
+        return next(fmt for suffixes, fmt in self._claims if low.endswith(suffixes))
 
     # ---------------------------------------------------------------- walking
     def walk(self, root: Path) -> list[Found]:
@@ -246,20 +251,21 @@ class Scanner:
         for entry in files:
             name = entry.name
             low = name.lower()
-            ext = os.path.splitext(low)[1]
-            fmt = self._claimant(name)
+            fmt = self._claimant(low)
             if fmt is not None:
                 if fmt not in owners:
                     claimed[fmt.name].append(Path(entry.path))
             elif low.endswith(INCOMPLETE_SUFFIXES):
                 found.append(Found(Path(entry.path), _join(rel, name), name, _incomplete_skip()))
-            elif ext in UNSUPPORTED_EXTENSIONS:
-                found.append(Found(Path(entry.path), _join(rel, name), name,
-                                   Skip(UNSUPPORTED_EXTENSIONS[ext], UNSUPPORTED)))
+            elif low.endswith(_UNSUPPORTED):
+                skip = Skip(UNSUPPORTED_EXTENSIONS[os.path.splitext(low)[1]], UNSUPPORTED)
+                found.append(Found(Path(entry.path), _join(rel, name), name, skip))
         for fmt in self.formats:
             if claimed[fmt.name]:
                 found.extend(_found(item, rel) for item in fmt.inspect_files(directory, claimed[fmt.name], self))
-        out.extend(sorted(found, key=lambda f: f.path.name))  # by file name, whichever format answered
+        if len(found) > 1:
+            found.sort(key=lambda f: f.rel)  # by file name (one folder), whichever format answered
+        out.extend(found)
         return leaf
 
 

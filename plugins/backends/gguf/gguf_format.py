@@ -63,9 +63,9 @@ class GGUFFormat:
         out: list[Recognized] = []
         splits: dict[tuple[str, int], dict[int, Path]] = {}
         for path in files:
-            ext = os.path.splitext(path.name.lower())[1]
-            if ext in OLD_GGML:
-                out.append(Recognized(path, Skip(OLD_GGML[ext], UNSUPPORTED), path.name))
+            if not path.name.lower().endswith(".gguf"):  # an old GGML file
+                out.append(Recognized(path, Skip(OLD_GGML[os.path.splitext(path.name.lower())[1]], UNSUPPORTED),
+                                      path.name))
                 continue
             match = SPLIT_RE.match(path.name)
             if match:
