@@ -150,17 +150,25 @@ class Scanner:
         self._cache[slot] = (key, value)
         return value
 
-    def read_header(self, kind: str, path: Path, st: os.stat_result, read: Callable[[Path], T]) -> T | Skip:
-        """``read(path)``, cached by ``st`` and counted in :attr:`header_reads`; an ``OSError``
-        becomes an ``unreadable`` Skip."""
+    def read_header(self, kind: str, path: Path,
+                    read: Callable[[Path, os.stat_result], T | Skip]) -> tuple[os.stat_result, T] | Skip:
+        """``path``'s stat and ``read(path, stat)``, read once per version of the file (cached by
+        size, mtime and inode; counted in :attr:`header_reads`).  A missing file, a broken link,
+        an ``OSError`` or a Skip from ``read`` comes back as that Skip."""
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            return missing_skip(path, exc)
+
         def compute() -> T | Skip:
             self.header_reads += 1
             try:
-                return read(path)
+                return read(path, st)
             except OSError as exc:
                 return oserror_skip(exc)
 
-        return self.cached(kind, path, stat_key(st), compute)
+        header = self.cached(kind, path, stat_key(st), compute)
+        return header if isinstance(header, Skip) else (st, header)
 
     # ---------------------------------------------------------------- one path
     def path(self, path: Path) -> list[Found]:

@@ -51,16 +51,16 @@ class MLXFormat:
     def inspect_path(self, path, headers):
         if not path.name.endswith(".mlx"):
             return None
-        st = os.stat(path)
-        meta = headers.read_header("mlx", path, st, _read_meta)
-        if isinstance(meta, Skip):
-            return Recognized(path, meta, path.stem)
+        read = headers.read_header("mlx", path, _read_meta)
+        if isinstance(read, Skip):
+            return Recognized(path, read, path.stem)
+        st, meta = read
         facts = ModelFacts(str(path), self.name, st.st_size, int(st.st_mtime),
                            context_length=meta["context"], architecture=meta["arch"])
         return Recognized(path, facts, path.stem, (path.name,))
 
 
-def _read_meta(path: Path) -> dict | Skip:
+def _read_meta(path: Path, st: os.stat_result) -> dict | Skip:
     with open(path, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
             return Skip("named .mlx but not an MLX file", NOT_A_MODEL)

@@ -73,8 +73,11 @@ class HeaderCache(Protocol):
     def cached(self, kind: str, path: Path, key: tuple, compute: Callable[[], T]) -> T:
         """``compute()`` for ``path`` unless ``key`` (a stat key) is unchanged since the last scan."""
 
-    def read_header(self, kind: str, path: Path, st: os.stat_result, read: Callable[[Path], T]) -> T | Skip:
-        """``read(path)``, cached by ``st`` and counted as a header read; an ``OSError`` becomes a Skip."""
+    def read_header(self, kind: str, path: Path,
+                    read: Callable[[Path, os.stat_result], T | Skip]) -> tuple[os.stat_result, T] | Skip:
+        """``path``'s stat and ``read(path, stat)``, read once per version of the file and counted
+        as a header read; a missing file, a broken link, an ``OSError`` or a Skip from ``read``
+        comes back as that Skip."""
 
 
 @runtime_checkable

@@ -16,23 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from shimmy_core.plugin_api import (
-    ADAPTER,
-    CORRUPT,
-    DIFFUSION,
-    EMBEDDING,
-    HeaderCache,
-    INCOMPLETE,
-    missing_skip,
-    ModelFacts,
-    NOT_A_MODEL,
-    PROJECTOR,
-    Recognized,
-    Skip,
-    SPEECH,
-    stat_key,
-    UNSUPPORTED,
-)
+from shimmy_core.plugin_api import ADAPTER, CORRUPT, DIFFUSION, EMBEDDING, INCOMPLETE, NOT_A_MODEL, PROJECTOR, SPEECH
+from shimmy_core.plugin_api import HeaderCache, ModelFacts, Recognized, Skip, stat_key, UNSUPPORTED
 from shimmy_plugins.backends.gguf.gguf_header import GGUFError, GGUFHeader, read_gguf_header
 
 NOT_GGUF = "not-gguf"   # skip category: named .gguf, but no GGUF magic
@@ -91,17 +76,13 @@ class GGUFFormat:
     # ---------------------------------------------------------------- one file, one set
     def describe(self, path: Path, headers: HeaderCache) -> ModelFacts | Skip:
         """One GGUF file (not part of a split set)."""
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            return missing_skip(path, exc)
+        read = headers.read_header("gguf", path, _read)
+        if isinstance(read, Skip):
+            return read
+        st, header = read
 
         def describe() -> ModelFacts | Skip:
-            header = _header(path, st, headers)
-            if isinstance(header, Skip):
-                return header
-            skip = classify_gguf(header, path.name)
-            return skip or _gguf_facts(path, header, st.st_size, int(st.st_mtime), parts=())
+            return classify_gguf(header, path.name) or _gguf_facts(path, header, st.st_size, int(st.st_mtime), ())
 
         return headers.cached("gguf-model", path, stat_key(st), describe)
 
@@ -120,14 +101,10 @@ class GGUFFormat:
         found: list[GGUFHeader] = []
         size = created = 0
         for number in range(1, count + 1):
-            path = parts[number]
-            try:
-                st = os.stat(path)
-            except OSError as exc:
-                return missing_skip(path, exc)
-            header = _header(path, st, headers)
-            if isinstance(header, Skip):
-                return Skip(f"split part {number} of {count}: {header.reason}", header.category)
+            read = headers.read_header("gguf", parts[number], _read)
+            if isinstance(read, Skip):
+                return Skip(f"split part {number} of {count}: {read.reason}", read.category)
+            st, header = read
             found.append(header)
             size += st.st_size
             created = max(created, int(st.st_mtime))
@@ -210,14 +187,11 @@ def classify_gguf(header: GGUFHeader, filename: str, *, split: bool = False) -> 
     return None
 
 
-def _header(path: Path, st: os.stat_result, headers: HeaderCache) -> GGUFHeader | Skip:
-    def read(path: Path) -> GGUFHeader | Skip:
-        try:
-            return read_gguf_header(path)
-        except GGUFError as exc:
-            return _gguf_error_skip(exc, st.st_size, path.name)
-
-    return headers.read_header("gguf", path, st, read)
+def _read(path: Path, st: os.stat_result) -> GGUFHeader | Skip:
+    try:
+        return read_gguf_header(path)
+    except GGUFError as exc:
+        return _gguf_error_skip(exc, st.st_size, path.name)
 
 
 def _gguf_error_skip(exc: GGUFError, size: int, name: str) -> Skip:

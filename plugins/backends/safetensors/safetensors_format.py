@@ -15,26 +15,9 @@ import os
 from pathlib import Path
 from typing import AbstractSet, Any, Iterable, Mapping, Sequence
 
-from shimmy_core.plugin_api import (
-    ADAPTER,
-    CORRUPT,
-    DIFFUSION,
-    EMBEDDING,
-    HeaderCache,
-    INCOMPLETE,
-    missing_skip,
-    ModelFacts,
-    NOT_A_MODEL,
-    oserror_skip,
-    PICKLE_REFUSAL,
-    read_json,
-    Recognized,
-    Skip,
-    SPEECH,
-    stat_key,
-    UNSUPPORTED,
-    VISION,
-)
+from shimmy_core.plugin_api import ADAPTER, CORRUPT, DIFFUSION, EMBEDDING, INCOMPLETE, NOT_A_MODEL, SPEECH, VISION
+from shimmy_core.plugin_api import HeaderCache, ModelFacts, oserror_skip, PICKLE_REFUSAL, read_json, Recognized
+from shimmy_core.plugin_api import Skip, stat_key, UNSUPPORTED
 from shimmy_plugins.backends.safetensors.safetensors_header import (
     SafeTensorsError,
     SafeTensorsHeader,
@@ -104,14 +87,8 @@ class SafeTensorsFormat:
 
     def loose(self, path: Path, headers: HeaderCache) -> Skip:
         """A ``.safetensors`` file outside a model folder: say what it most likely is."""
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            return missing_skip(path, exc)
-        header = _header(path, st, headers)
-        if isinstance(header, Skip):
-            return header
-        return classify_loose_safetensors(path, header)
+        read = headers.read_header("safetensors", path, _read)
+        return read if isinstance(read, Skip) else classify_loose_safetensors(path, read[1])
 
 
 def is_model_folder(names: AbstractSet[str]) -> bool:
@@ -175,14 +152,11 @@ def classify_loose_safetensors(path: Path, header: SafeTensorsHeader | None) -> 
 
 
 # ------------------------------------------------------------------ reading
-def _header(path: Path, st: os.stat_result, headers: HeaderCache) -> SafeTensorsHeader | Skip:
-    def read(path: Path) -> SafeTensorsHeader | Skip:
-        try:
-            return read_safetensors_header(path)
-        except SafeTensorsError as exc:
-            return Skip(f"corrupt SafeTensors file {path.name}: {exc}", CORRUPT)
-
-    return headers.read_header("safetensors", path, st, read)
+def _read(path: Path, st: os.stat_result) -> SafeTensorsHeader | Skip:
+    try:
+        return read_safetensors_header(path)
+    except SafeTensorsError as exc:
+        return Skip(f"corrupt SafeTensors file {path.name}: {exc}", CORRUPT)
 
 
 def _shards(directory: Path, names: AbstractSet[str]) -> list[Path] | Skip:
@@ -216,13 +190,10 @@ def _folder_facts(directory: Path, config: dict, shards: list[Path], headers: He
     params = size = 0
     created = 0
     for shard in shards:
-        try:
-            st = os.stat(shard)
-        except OSError as exc:
-            return missing_skip(shard, exc)
-        header = _header(shard, st, headers)
-        if isinstance(header, Skip):
-            return header
+        read = headers.read_header("safetensors", shard, _read)
+        if isinstance(read, Skip):
+            return read
+        st, header = read
         params += header.parameter_count
         for dtype, n in header.dtypes.items():
             dtypes[dtype] = dtypes.get(dtype, 0) + n
