@@ -13,8 +13,10 @@ and never imports an inference library.  Header reads are cached by
 ``(path, size, mtime, inode)`` so a rescan of an unchanged tree costs a
 directory walk and a ``stat`` per model file.
 
-What no format needs to know stays here: partial downloads, pickle weights (never
-loaded, whatever format they claim to be) and ONNX files are skipped with their reason.
+What no format needs to know stays here: partial downloads (``*.part``...) are skipped, and
+so are pickle weights (never loaded) and ONNX files that no format claims, with their reason.
+A file named explicitly that no format recognizes says so (``no plugin recognizes .gguf
+files``: its format plugin is disabled or missing).
 
 Sources (``plugins/sources/local_files.py``, ``ollama.py``, ``huggingface.py``,
 ``lmstudio.py``) only decide where to look and what to call things;
