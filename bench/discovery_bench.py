@@ -160,12 +160,16 @@ def catalog(home: Path):
     from shimmy_core.plugin_manager import create_plugin_manager
     from shimmy_core.plugin_registry import build_registry
     from shimmy_core.contract.settings import Settings
+    from shimmy_plugins.backends.gguf import gguf_backend
+    from shimmy_plugins.backends.safetensors import safetensors_backend
     from shimmy_plugins.sources import huggingface
     from shimmy_plugins.sources import lmstudio
     from shimmy_plugins.sources import local_files
     from shimmy_plugins.sources import ollama
 
-    plugins = [("local_files", local_files), ("ollama", ollama), ("huggingface", huggingface), ("lmstudio", lmstudio)]
+    # The formats come from the backend plugins; the sources from theirs.
+    plugins = [("gguf", gguf_backend), ("safetensors", safetensors_backend), ("local_files", local_files),
+               ("ollama", ollama), ("huggingface", huggingface), ("lmstudio", lmstudio)]
     pm = create_plugin_manager(load_entry_points=False, extra_plugins=plugins)
     settings = Settings.load({"demo": False}, {"SHIMMY_HOME": str(home / ".shimmy")})
     return ModelCatalog(build_registry(pm, settings).sources.values())

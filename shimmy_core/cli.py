@@ -262,10 +262,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_add(args: argparse.Namespace) -> int:
     from shimmy_core import registered_models
+    from shimmy_core.plugin_manager import create_plugin_manager
+    from shimmy_core.plugin_registry import build_registry
 
     settings = _settings(args)
+    formats = build_registry(create_plugin_manager(settings.disable_plugins), settings).formats.values()
     try:
-        entry, names = registered_models.add(settings.home, args.path, args.name)
+        entry, names = registered_models.add(settings.home, args.path, args.name, formats=formats)
     except registered_models.RegistryError as exc:
         print(f"shimmy add: {exc}", file=sys.stderr)
         return 1

@@ -52,6 +52,7 @@ from shimmy_core.contract.generation import (
     Usage,
 )
 from shimmy_core.contract.hookspecs import PROJECT, hookimpl
+from shimmy_core.contract.model_formats import HeaderCache, ModelFacts, ModelFormat, Recognized, Skip
 from shimmy_core.contract.model_info import (
     DEFAULT_PRIORITY,
     DiscoveryResult,
@@ -63,18 +64,24 @@ from shimmy_core.contract.settings import Settings
 from shimmy_core.discovery import (
     ADAPTER,
     CORRUPT,
+    DIFFUSION,
+    EMBEDDING,
     INCOMPLETE,
     MISSING,
     NOT_A_MODEL,
+    PICKLE_REFUSAL,
+    PROJECTOR,
+    SPEECH,
+    UNSUPPORTED,
+    VISION,
     Found,
-    ModelFacts,
     Scanner,
-    Skip,
     add_all,
     add_named,
-    config_context_length,
-    file_names,
+    missing_skip,
+    oserror_skip,
     read_json,
+    stat_key,
 )
 from shimmy_core.formatting import human_size
 from shimmy_core.http.dialect_kit import DialectServer, Generation, read_body
@@ -97,8 +104,12 @@ __all__ = [
     "PROJECT", "hookimpl",
     # models and discovery
     "DEFAULT_PRIORITY", "DiscoveryResult", "DiscoverySource", "ModelInfo", "SkippedFile",
-    "ADAPTER", "CORRUPT", "INCOMPLETE", "MISSING", "NOT_A_MODEL", "Found", "ModelFacts", "Scanner", "Skip",
-    "add_all", "add_named", "config_context_length", "file_names", "read_json", "RegistryError", "load_entries", "registry_path",
+    "Found", "ModelFacts", "Scanner", "Skip", "add_all", "add_named", "read_json",
+    "RegistryError", "load_entries", "registry_path",
+    # model formats (shimmy_register_formats) and the skip categories they answer with
+    "HeaderCache", "ModelFormat", "Recognized", "missing_skip", "oserror_skip", "stat_key", "PICKLE_REFUSAL",
+    "ADAPTER", "CORRUPT", "DIFFUSION", "EMBEDDING", "INCOMPLETE", "MISSING", "NOT_A_MODEL", "PROJECTOR", "SPEECH",
+    "UNSUPPORTED", "VISION",
     # backends: requests, chunks, errors
     "Backend", "LoadedModel", "ChoicesModel", "GenerationRequest", "SamplingParams", "OutputFormat", "PENALTY_LAST_N",
     "PreparedPrompt", "Chunk", "ReasoningDelta", "ReasoningOptions", "ReasoningSyntax",

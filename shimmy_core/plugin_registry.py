@@ -1,4 +1,5 @@
-"""What the plugins registered: backends, discovery sources, caches, tools and API dialects.
+"""What the plugins registered: backends, model formats, discovery sources, caches, tools and API
+dialects.
 
 Each collection hook is called plugin by plugin with a ``register`` callback
 that knows who is calling, so that two plugins registering the same name get
@@ -17,9 +18,10 @@ class DuplicateNameError(ValueError):
     """Two plugins registered the same name for the same kind of thing."""
 
 
-# kind -> the collection hook that registers it
+# kind -> the collection hook that registers it (formats before sources: sources receive them)
 KINDS = {
     "backend": "shimmy_register_backends",
+    "format": "shimmy_register_formats",
     "source": "shimmy_register_sources",
     "cache": "shimmy_register_caches",
     "tool": "shimmy_register_tools",
@@ -32,6 +34,7 @@ class Registry:
     """Everything registered, by kind and name; ``owners`` says which plugin registered what."""
 
     backends: dict[str, Any] = field(default_factory=dict)
+    formats: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, Any] = field(default_factory=dict)
     caches: dict[str, Any] = field(default_factory=dict)
     tools: dict[str, Any] = field(default_factory=dict)
@@ -39,8 +42,8 @@ class Registry:
     owners: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def table(self, kind: str) -> dict[str, Any]:
-        return {"backend": self.backends, "source": self.sources, "cache": self.caches, "tool": self.tools,
-                "dialect": self.dialects}[kind]
+        return {"backend": self.backends, "format": self.formats, "source": self.sources, "cache": self.caches,
+                "tool": self.tools, "dialect": self.dialects}[kind]
 
     def add(self, kind: str, obj: Any, plugin: str) -> None:
         name = getattr(obj, "name", None)
@@ -65,9 +68,9 @@ def build_registry(pm: ShimmyPluginManager, settings: Any) -> Registry:
     from shimmy_core.plugin_manager import PluginFailure
 
     registry = Registry()
-    available = {"settings": settings}
     for kind, hook_name in KINDS.items():
         hook = getattr(pm.hook, hook_name)
+        available = {"settings": settings, "formats": tuple(registry.formats.values())}
         for impl in hook.get_hookimpls():
             register: Callable[[Any], None] = (
                 lambda obj, _kind=kind, _plugin=impl.plugin_name: registry.add(_kind, obj, _plugin)

@@ -15,8 +15,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
-from shimmy_core.discovery import ModelFacts, Scanner, repo_names
+from shimmy_core.contract.model_formats import ModelFacts, ModelFormat
+from shimmy_core.discovery import Scanner, repo_names
 
 REGISTRY_FILE = "registered-models.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,199}$")
@@ -66,10 +68,11 @@ def _save(home: Path, entries: list[Entry]) -> None:
         raise
 
 
-def add(home: Path, path: str | os.PathLike[str], name: str | None = None,
-        scanner: Scanner | None = None) -> tuple[Entry, list[str]]:
+def add(home: Path, path: str | os.PathLike[str], name: str | None = None, *,
+        formats: Iterable[ModelFormat]) -> tuple[Entry, list[str]]:
     """Validate ``path`` (a model file or a folder holding models) and remember it.
 
+    ``formats`` (the registered model formats) say what the files are, as discovery would.
     Returns the entry and the names its models will have.  Refuses a path that
     holds no servable model (with the reasons), a bad or taken name, and
     ``--name`` for a folder holding several models.
@@ -77,7 +80,7 @@ def add(home: Path, path: str | os.PathLike[str], name: str | None = None,
     target = Path(path).expanduser().resolve()
     if not target.exists():
         raise RegistryError(f"{target}: no such file or folder")
-    found = (scanner or Scanner()).path(target)
+    found = Scanner(formats).path(target)
     servable = [f for f in found if isinstance(f.result, ModelFacts)]
     if not servable:
         reasons = "; ".join(f"{f.path.name}: {f.result.reason}" for f in found[:5]) or "no model files found"

@@ -18,13 +18,17 @@ from pathlib import Path
 import pytest
 
 from shimmy_core import discovery
-from shimmy_core.discovery import Scanner, parse_size_label, repo_names
+from shimmy_core.discovery import repo_names
 from shimmy_core.catalog import ModelCatalog
 from shimmy_core.contract.model_info import DiscoveryResult, ModelInfo, SkippedFile
 from shimmy_core.plugin_manager import create_plugin_manager
 from shimmy_core.plugin_registry import build_registry
-from shimmy_core.safetensors_header import SafeTensorsError, read_safetensors_header
 from shimmy_core.contract.settings import Settings
+from shimmy_plugins.backends.gguf import gguf_backend
+from shimmy_plugins.backends.gguf.gguf_format import GGUFFormat, parse_size_label
+from shimmy_plugins.backends.safetensors import safetensors_backend
+from shimmy_plugins.backends.safetensors.safetensors_format import SafeTensorsFormat
+from shimmy_plugins.backends.safetensors.safetensors_header import SafeTensorsError, read_safetensors_header
 from shimmy_plugins.sources import huggingface
 from shimmy_plugins.sources import lmstudio
 from shimmy_plugins.sources import local_files
@@ -32,6 +36,14 @@ from shimmy_plugins.sources import ollama
 
 SOURCE_PLUGINS = [("local_files", local_files), ("ollama", ollama), ("huggingface", huggingface),
                   ("lmstudio", lmstudio)]
+# The formats come from the backend plugins: discovery itself knows none.
+DISCOVERY_PLUGINS = [("gguf", gguf_backend), ("safetensors", safetensors_backend), *SOURCE_PLUGINS]
+FORMATS = (GGUFFormat(), SafeTensorsFormat())
+
+
+def scanner(**limits) -> discovery.Scanner:
+    """A scanner that knows the built-in formats."""
+    return discovery.Scanner(FORMATS, **limits)
 STORE_VARS = ("OLLAMA_MODELS", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME")
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -341,9 +353,9 @@ def use_env(monkeypatch):
 
 
 def catalog_for(env: dict[str, str], use_env, **flags) -> ModelCatalog:
-    """A catalog over the built-in source plugins, registered through their hooks."""
+    """A catalog over the built-in source and format plugins, registered through their hooks."""
     use_env(env)
-    pm = create_plugin_manager(load_entry_points=False, extra_plugins=SOURCE_PLUGINS)
+    pm = create_plugin_manager(load_entry_points=False, extra_plugins=DISCOVERY_PLUGINS)
     settings = Settings.load({"demo": False, **flags}, env)
     catalog = ModelCatalog(build_registry(pm, settings).sources.values())
     catalog.refresh()
@@ -366,7 +378,7 @@ def skipped_by_name(catalog: ModelCatalog) -> dict[str, SkippedFile]:
 # ------------------------------------------------------------------ what is listed, under which names
 def test_hook_shimmy_register_sources_builtin_sources(world, use_env):
     use_env(world["env"])
-    pm = create_plugin_manager(load_entry_points=False, extra_plugins=SOURCE_PLUGINS)
+    pm = create_plugin_manager(load_entry_points=False, extra_plugins=DISCOVERY_PLUGINS)
     registry = build_registry(pm, Settings.load({}, world["env"]))
     assert {registry.owners[("source", s)] for s in ("files", "registered", "dirs", "demo")} == {"local_files"}
     for name in ("ollama", "huggingface", "lmstudio"):
@@ -521,7 +533,7 @@ def test_hostile_files_are_refused_quickly(tmp_path):
     for kind in ("count", "keys", "string", "offset"):
         (tmp_path / f"{kind}.gguf").write_bytes(hostile_gguf(kind))
     started = time.perf_counter()
-    found = Scanner().walk(tmp_path)
+    found = scanner().walk(tmp_path)
     assert time.perf_counter() - started < 10  # a hang guard: the claimed sizes are never read
     assert [f.result.category for f in found] == ["corrupt"] * 4
 
@@ -531,7 +543,7 @@ def test_pytorch_pickles_are_never_opened(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     (folder / "pytorch_model.bin").write_bytes(b"x")
-    [found] = Scanner().walk(tmp_path)
+    [found] = scanner().walk(tmp_path)
     assert found.result.category == "unsupported-format" and "never loaded" in found.result.reason
 
 
@@ -635,7 +647,7 @@ def test_repo_names_helper(tmp_path):
 def test_refresh_sees_added_and_removed_files_and_caches_headers(tmp_path):
     models = tmp_path / "models"
     write_gguf(models / "one.gguf")
-    source = local_files.ModelDirs([models])
+    source = local_files.ModelDirs([models], FORMATS)
     catalog = ModelCatalog([source], refresh_interval=0.0)
     assert [m.id for m in catalog.list()] == ["one"]
     reads = source.scanner.header_reads
@@ -675,13 +687,13 @@ def test_walk_is_bounded(tmp_path):
         deep = deep / f"d{n}"
     write_gguf(deep / "too-deep.gguf")
     write_gguf(tmp_path / "d0" / "shallow.gguf")
-    found = Scanner(max_depth=6).walk(tmp_path)
+    found = scanner(max_depth=6).walk(tmp_path)
     assert [f.stem for f in found] == ["shallow"]
     many = tmp_path / "many"
     many.mkdir()
     for n in range(50):
         (many / f"{n}.txt").write_bytes(b"")
-    capped = Scanner(max_entries=20).walk(many)
+    capped = scanner(max_entries=20).walk(many)
     assert capped[-1].result.category == "unsupported-format" and "scan stopped" in capped[-1].result.reason
 
 
@@ -725,7 +737,7 @@ def test_safetensors_hostile_headers(tmp_path, raw, reason):
 def test_safetensors_truncated_folder_is_skipped(tmp_path):
     folder = hf_model_folder(tmp_path / "m", {"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
     write_safetensors(folder / "model.safetensors", LLAMA_TENSORS, truncate=100)
-    [found] = Scanner().walk(tmp_path)
+    [found] = scanner().walk(tmp_path)
     assert found.result.category == "corrupt" and "truncated download" in found.result.reason
 
 
@@ -734,10 +746,10 @@ def test_safetensors_sharded_folder_with_a_missing_shard(tmp_path):
     (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
-    [found] = Scanner().walk(tmp_path)
+    [found] = scanner().walk(tmp_path)
     assert found.result.category == "incomplete" and "1 of 2 weight shards missing" in found.result.reason
     write_safetensors(folder / "model-00002-of-00002.safetensors", {"lm_head.weight": ("F16", [8, 8])})
-    [found] = Scanner().walk(tmp_path)
+    [found] = scanner().walk(tmp_path)
     assert found.result.parameters == 64 * 16 + 16 * 16 + 64 * 16 + 64
 
 
@@ -745,7 +757,7 @@ def test_loose_safetensors_files_are_named(tmp_path):
     write_safetensors(tmp_path / "sd_xl_base_1.0.safetensors", {"model.diffusion_model.x": ("F16", [2])})
     write_safetensors(tmp_path / "style-lora.safetensors", {"lora_unet_x.lora_down.weight": ("F16", [2])})
     write_safetensors(tmp_path / "weights.safetensors", {"x": ("F16", [2])})
-    reasons = {f.path.name: f.result.category for f in Scanner().walk(tmp_path)}
+    reasons = {f.path.name: f.result.category for f in scanner().walk(tmp_path)}
     assert reasons == {"sd_xl_base_1.0.safetensors": "diffusion", "style-lora.safetensors": "adapter",
                        "weights.safetensors": "not-a-model"}
 
@@ -763,26 +775,26 @@ def test_registry_add_remove_round_trip(tmp_path, use_env):
 
     home = tmp_path / ".shimmy"
     one = write_gguf(tmp_path / "elsewhere" / "one.Q4_K_M.gguf")
-    entry, names = registered_models.add(home, one)
+    entry, names = registered_models.add(home, one, formats=FORMATS)
     assert names == ["one.Q4_K_M"] and entry.path == str(one.resolve())
     with pytest.raises(registered_models.RegistryError, match="already registered"):
-        registered_models.add(home, one, "again")
+        registered_models.add(home, one, "again", formats=FORMATS)
     folder = tmp_path / "folder"
     write_gguf(folder / "a.gguf")
     write_gguf(folder / "b.gguf")
     with pytest.raises(registered_models.RegistryError, match="holds 2 models; --name needs a single model"):
-        registered_models.add(home, folder, "x")
-    _, names = registered_models.add(home, folder)
+        registered_models.add(home, folder, "x", formats=FORMATS)
+    _, names = registered_models.add(home, folder, formats=FORMATS)
     assert names == ["folder:a", "folder:b"]
     write_gguf(tmp_path / "lora.gguf", kind="adapter")
     with pytest.raises(registered_models.RegistryError, match="holds no model Shimmy can serve.*LoRA adapter"):
-        registered_models.add(home, tmp_path / "lora.gguf")
+        registered_models.add(home, tmp_path / "lora.gguf", formats=FORMATS)
     with pytest.raises(registered_models.RegistryError, match="no such file"):
-        registered_models.add(home, tmp_path / "nope.gguf")
+        registered_models.add(home, tmp_path / "nope.gguf", formats=FORMATS)
     with pytest.raises(registered_models.RegistryError, match="invalid name"):
-        registered_models.add(home, write_gguf(tmp_path / "c.gguf"), " spaced name")
+        registered_models.add(home, write_gguf(tmp_path / "c.gguf"), " spaced name", formats=FORMATS)
 
-    source = local_files.RegisteredModels(home)
+    source = local_files.RegisteredModels(home, FORMATS)
     catalog = ModelCatalog([source], refresh_interval=0)
     assert sorted(m.id for m in catalog.list()) == ["folder:a", "folder:b", "one.Q4_K_M"]
     one.unlink()

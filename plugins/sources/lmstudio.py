@@ -9,8 +9,9 @@ or ``publisher/repository:file`` when a repository folder holds several.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
-from shimmy_core.plugin_api import add_named, DiscoveryResult, Found, hookimpl, Scanner
+from shimmy_core.plugin_api import add_named, DiscoveryResult, Found, hookimpl, ModelFormat, Scanner
 
 
 def lmstudio_roots(home: Path) -> list[Path]:
@@ -33,9 +34,9 @@ class LMStudioModels:
     name = "lmstudio"
     priority = 50
 
-    def __init__(self, roots: list[Path]):
+    def __init__(self, roots: list[Path], formats: Iterable[ModelFormat]):
         self.roots = roots
-        self.scanner = Scanner(max_depth=4)
+        self.scanner = Scanner(formats, max_depth=4)
 
     def discover(self) -> DiscoveryResult:
         self.scanner.start_pass()
@@ -53,5 +54,5 @@ class LMStudioModels:
 
 
 @hookimpl
-def shimmy_register_sources(register, settings):
-    register(LMStudioModels(lmstudio_roots(Path.home())))
+def shimmy_register_sources(register, settings, formats):
+    register(LMStudioModels(lmstudio_roots(Path.home()), formats))

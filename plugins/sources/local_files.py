@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Iterable
 
 from shimmy_core.plugin_api import (
     add_all,
@@ -16,6 +17,7 @@ from shimmy_core.plugin_api import (
     Found,
     hookimpl,
     ModelFacts,
+    ModelFormat,
     Scanner,
     SkippedFile,
 )
@@ -29,9 +31,9 @@ class ModelFiles:
     name = "files"
     priority = 0
 
-    def __init__(self, paths: tuple[str, ...]):
+    def __init__(self, paths: tuple[str, ...], formats: Iterable[ModelFormat]):
         self.paths = [Path(p).expanduser() for p in paths]
-        self.scanner = Scanner()
+        self.scanner = Scanner(formats)
 
     def discover(self) -> DiscoveryResult:
         self.scanner.start_pass()
@@ -47,9 +49,9 @@ class RegisteredModels:
     name = "registered"
     priority = 10
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, formats: Iterable[ModelFormat]):
         self.home = home
-        self.scanner = Scanner()
+        self.scanner = Scanner(formats)
 
     def discover(self) -> DiscoveryResult:
         from shimmy_core.plugin_api import RegistryError, load_entries, registry_path
@@ -79,9 +81,9 @@ class ModelDirs:
     name = "dirs"
     priority = 20
 
-    def __init__(self, dirs: list[Path]):
+    def __init__(self, dirs: list[Path], formats: Iterable[ModelFormat]):
         self.dirs = dirs
-        self.scanner = Scanner()
+        self.scanner = Scanner(formats)
 
     def discover(self) -> DiscoveryResult:
         self.scanner.start_pass()
@@ -98,15 +100,15 @@ class DemoModel:
     name = "demo"
     priority = 90
 
-    def __init__(self) -> None:
-        self.scanner = Scanner()
+    def __init__(self, formats: Iterable[ModelFormat]) -> None:
+        self.scanner = Scanner(formats)
 
     def discover(self) -> DiscoveryResult:
         self.scanner.start_pass()
         result = DiscoveryResult()
         path = demo_model_path()
         if path is not None:
-            facts = self.scanner.gguf(path)
+            [facts] = [found.result for found in self.scanner.path(path)]
             found = Found(path, "", "SmolLM2-135M-Instruct", facts, (path.name, "smollm2"))
             found.add_to(result, self.name, extra={"fallback": True} if isinstance(facts, ModelFacts) else None)
         return result
@@ -123,10 +125,10 @@ def demo_model_path() -> Path | None:
 
 
 @hookimpl
-def shimmy_register_sources(register, settings):
-    register(ModelFiles(settings.models))
-    register(RegisteredModels(settings.home))
-    register(ModelDirs([Path(d).expanduser() for d in settings.model_dirs] + [settings.home / "models"]))
+def shimmy_register_sources(register, settings, formats):
+    register(ModelFiles(settings.models, formats))
+    register(RegisteredModels(settings.home, formats))
+    register(ModelDirs([Path(d).expanduser() for d in settings.model_dirs] + [settings.home / "models"], formats))
     if settings.demo:
-        register(DemoModel())
+        register(DemoModel(formats))
 

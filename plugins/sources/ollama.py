@@ -17,7 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from shimmy_core.plugin_api import (
     ADAPTER,
@@ -28,6 +28,7 @@ from shimmy_core.plugin_api import (
     INCOMPLETE,
     MISSING,
     ModelFacts,
+    ModelFormat,
     NOT_A_MODEL,
     read_json,
     Scanner,
@@ -80,9 +81,9 @@ class OllamaStore:
     name = "ollama"
     priority = 30
 
-    def __init__(self, roots: list[Path]):
+    def __init__(self, roots: list[Path], formats: Iterable[ModelFormat]):
         self.roots = roots
-        self.scanner = Scanner()
+        self.scanner = Scanner(formats)
 
     def discover(self) -> DiscoveryResult:
         self.scanner.start_pass()
@@ -132,7 +133,7 @@ class OllamaStore:
         expected = models[0].get("size")
         if isinstance(expected, int) and blob_st.st_size < expected:
             return Skip(f"incomplete pull: blob has {blob_st.st_size} of {expected} bytes", INCOMPLETE)
-        facts = self.scanner.gguf(blob, blob_st)
+        facts = self.scanner.inspect_as("gguf", blob)  # Ollama's model layers are GGUF files
         if isinstance(facts, Skip):
             return facts
         return facts, self._hints(root, layers)
@@ -260,5 +261,5 @@ def _manifests(top: Path):
 
 
 @hookimpl
-def shimmy_register_sources(register, settings):
-    register(OllamaStore(ollama_roots(os.environ, Path.home())))
+def shimmy_register_sources(register, settings, formats):
+    register(OllamaStore(ollama_roots(os.environ, Path.home()), formats))

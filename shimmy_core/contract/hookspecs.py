@@ -15,6 +15,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from shimmy_core.contract.dialect import Dialect
     from shimmy_core.contract.generation import Backend
+    from shimmy_core.contract.model_formats import ModelFormat
     from shimmy_core.contract.model_info import DiscoverySource, ModelInfo
     from shimmy_core.contract.settings import Settings
 
@@ -36,15 +37,29 @@ def shimmy_register_backends(register: Callable[["Backend"], None]) -> None:
 
 
 @hookspec
+def shimmy_register_formats(register: Callable[["ModelFormat"], None]) -> None:
+    """Register model formats: recognizers of model files and folders.
+
+    Call ``register(model_format)`` for each format this plugin recognizes.  A format
+    has a unique ``name`` (the ``ModelInfo.format`` of its models: ``"gguf"``), the
+    file suffixes it claims and methods that describe a file, a set of files or a
+    folder from their headers (see :class:`shimmy_core.contract.model_formats.ModelFormat`).
+    Discovery knows no format but these: a new format comes as a plugin alone.
+    """
+
+
+@hookspec
 def shimmy_register_sources(
-    register: Callable[["DiscoverySource"], None], settings: "Settings"
+    register: Callable[["DiscoverySource"], None], settings: "Settings",
+    formats: "tuple[ModelFormat, ...]",
 ) -> None:
     """Register model discovery sources.
 
     Call ``register(source)`` for each place this plugin knows how to look for
     models.  A source has a unique ``name`` and a ``discover()`` method returning
     :class:`shimmy_core.contract.model_info.ModelInfo` objects (and skipped files with their
-    reasons).  ``settings`` carries ``--model``/``--model-dir`` and friends.
+    reasons).  ``settings`` carries ``--model``/``--model-dir`` and friends;
+    ``formats`` are the registered model formats, for the source's ``Scanner``.
     """
 
 

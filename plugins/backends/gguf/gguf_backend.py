@@ -2,6 +2,9 @@
 
 llama_cpp is imported only when a GGUF model loads.  One loaded model is
 shared by every request: its engine (``gguf_engine``) batches their sequences.
+
+The plugin also registers the GGUF format (:mod:`~shimmy_plugins.backends.gguf.gguf_format`),
+which discovery asks about ``.gguf`` files: disabling the plugin hides both.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from shimmy_core.plugin_api import (
 )
 from shimmy_plugins.backends.gguf.gbnf import after_reasoning, compile_output
 from shimmy_plugins.backends.gguf.gguf_engine import Engine
+from shimmy_plugins.backends.gguf.gguf_format import GGUFFormat
 
 GRAMMAR_CACHE = 64   # compiled output formats kept per model
 
@@ -196,3 +200,8 @@ class GGUFModel(ChoicesModel):
 @hookimpl
 def shimmy_register_backends(register):
     register(GGUFBackend())
+
+
+@hookimpl
+def shimmy_register_formats(register):
+    register(GGUFFormat())

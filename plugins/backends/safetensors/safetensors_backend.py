@@ -8,7 +8,7 @@ models never pays for them.  Without the ``safetensors`` extra the backend
 still registers and says which pip command fixes it.
 
 Safe loading only: the folder is checked again before anything is imported
-(discovery already refuses such folders): weights must be SafeTensors (a
+(discovery, through :class:`SafeTensorsFormat`, already refuses such folders): weights must be SafeTensors (a
 ``pytorch_model.bin`` is never unpickled) and a folder whose ``config.json`` or
 ``tokenizer_config.json`` asks for its own Python code (``auto_map``) is
 refused, whatever it also contains.
@@ -20,6 +20,7 @@ import importlib.util
 from pathlib import Path
 
 from shimmy_core.plugin_api import hookimpl, ModelLoadError
+from shimmy_plugins.backends.safetensors.safetensors_format import SafeTensorsFormat
 
 PIP_FIX = "pip install 'shimmy-server[safetensors]'"
 REQUIRED_MODULES = ("torch", "transformers", "safetensors")
@@ -36,14 +37,14 @@ def check_folder(path: str | Path) -> Path:
     """The model folder at ``path`` if Shimmy may load it; else :class:`ModelLoadError` saying why.
 
     Reads ``config.json``, ``tokenizer_config.json`` and the SafeTensors headers only (through
-    :mod:`shimmy_core.discovery`, the rules ``shimmy list`` applies).
+    :class:`SafeTensorsFormat`, the rules ``shimmy list`` applies).
     """
     from shimmy_core.plugin_api import ModelFacts, Scanner, read_json
 
     folder = Path(path)
     if not folder.is_dir():
         raise ModelLoadError(f"{folder} is not a model folder (config.json, *.safetensors, tokenizer files)")
-    found = [f for f in Scanner(max_depth=0).path(folder) if f.path == folder]
+    found = [f for f in Scanner([SafeTensorsFormat()], max_depth=0).path(folder) if f.path == folder]
     if not found:
         raise ModelLoadError(f"{folder} is not a model folder: no config.json with *.safetensors weights")
     result = found[0].result
@@ -81,3 +82,8 @@ class SafeTensorsBackend:
 @hookimpl
 def shimmy_register_backends(register):
     register(SafeTensorsBackend())
+
+
+@hookimpl
+def shimmy_register_formats(register):
+    register(SafeTensorsFormat())

@@ -32,7 +32,6 @@ from shimmy_core.plugin_api import (
     ChatTemplate,
     ChoicesModel,
     Chunk,
-    config_context_length,
     GenerationRequest,
     InvalidPrompt,
     human_size,
@@ -45,6 +44,7 @@ from shimmy_core.plugin_api import (
     TokenLogprob,
     TopLogprob,
 )
+from shimmy_plugins.backends.safetensors.safetensors_format import config_context_length
 from shimmy_plugins.backends.safetensors.safetensors_engine import BatchEngine, EngineError, Job, Ticket
 from shimmy_plugins.backends.safetensors.safetensors_text import IncrementalDecoder, TokenPieces
 
