@@ -7,7 +7,9 @@ behaves exactly as the GGUF backend's model: the tokenizer's chat template
 rendered in Shimmy's sandbox, the same context-length checks and limits, the
 same end-of-turn stops, stop strings held back by
 :class:`~shimmy_core.stops.StopScanner`, the same sampling (see
-:mod:`shimmy_plugins.backends.safetensors.safetensors_engine`), and ``cancelled()`` checked for
+:mod:`shimmy_plugins.backends.safetensors.safetensors_engine`), the same structured output
+(an output format compiled by llguidance in ``prepare()``, see
+:mod:`shimmy_plugins.backends.safetensors.safetensors_constraints`), and ``cancelled()`` checked for
 every token.
 """
 
@@ -34,7 +36,6 @@ from shimmy_core.plugin_api import (
     Chunk,
     config_context_length,
     GenerationRequest,
-    InvalidPrompt,
     human_size,
     ModelLoadError,
     PreparedPrompt,
@@ -45,6 +46,7 @@ from shimmy_core.plugin_api import (
     TokenLogprob,
     TopLogprob,
 )
+from shimmy_plugins.backends.safetensors.safetensors_constraints import OutputConstraints
 from shimmy_plugins.backends.safetensors.safetensors_engine import BatchEngine, EngineError, Job, Ticket
 from shimmy_plugins.backends.safetensors.safetensors_text import IncrementalDecoder, TokenPieces
 
@@ -256,6 +258,7 @@ class SafeTensorsModel(ChoicesModel):
 
         self.engine = BatchEngine(model, device, parallel=settings.parallel, queue_size=settings.queue_size,
                                   chunk=settings.batch_size, threads=settings.threads, name=info.id)
+        self.constraints = OutputConstraints(tokenizer, self.eog, self.engine.vocab)
 
     def _special_prefix(self) -> list[int]:
         """The special ids the tokenizer puts before a text (BOS for Llama-style tokenizers, often none)."""
@@ -277,6 +280,8 @@ class SafeTensorsModel(ChoicesModel):
         return (list(self.prefix_ids) if add_prefix else []) + ids
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
+        if request.params.output is not None:
+            self.constraints.check(request.params.output)  # a schema llguidance cannot enforce is a 400 now
         return self.prompts.prepare(request)
 
     # ------------------------------------------------------------ generation
@@ -291,12 +296,9 @@ class SafeTensorsModel(ChoicesModel):
     ) -> Iterator[tuple[int, Chunk]]:
         """Run every choice as a row of the batch; raises :class:`Overloaded` before any output when
         the queue cannot take them or the wait for a slot passes the queue timeout."""
-        if any(params.output is not None for _, params in choices):
-            raise InvalidPrompt("This model runs on the SafeTensors backend, which cannot constrain its output "
-                                "to a grammar; use a GGUF model for constrained output.",
-                                param="response_format", code="grammar_unsupported")
         ticket = Ticket(sum(p.max_tokens + 4 for p, _ in choices) + 4)
-        jobs = [Job(i, list(prepared.tokens), params, prepared.max_tokens, self.eog, ticket)
+        jobs = [Job(i, list(prepared.tokens), params, prepared.max_tokens, self.eog, ticket,
+                    constraint=self.constraints.constraint(params.output) if params.output is not None else None)
                 for i, (prepared, params) in enumerate(choices)]
         self.engine.submit(jobs)
         await_slot(ticket.admitted, cancelled, ticket.cancel, self.queue_timeout, _POLL_S)
