@@ -116,3 +116,12 @@ def test_a_broken_matcher_is_a_constraint_error():
 
     with pytest.raises(ConstraintError, match="allows no token"):
         TokenConstraint(Stuck()).mask(torch.zeros(64))
+
+
+def test_without_llguidance_a_format_is_a_clear_503(constraints, monkeypatch):
+    from shimmy_core.contract.generation import BackendUnavailable
+    from shimmy_plugins.backends.safetensors.safetensors_constraints import OutputConstraints
+
+    monkeypatch.setitem(__import__("sys").modules, "llguidance.hf", None)
+    with pytest.raises(BackendUnavailable, match=r"needs llguidance .*pip install 'shimmy-server\[safetensors\]'"):
+        OutputConstraints(constraints[0], {END}, 49152).check(OutputFormat({"type": "object"}))

@@ -36,7 +36,6 @@ from typing import Any, Iterable
 import torch
 
 from shimmy_core.plugin_api import BackendError, BackendUnavailable, OutputFormat, UnsupportedOutputSchema
-from shimmy_plugins.backends.safetensors.safetensors_backend import PIP_FIX
 
 MATCHER_CACHE = 64      # compiled output formats kept per model
 # llguidance's JSON options (its "x-guidance" key): json.dumps's separators, no other whitespace.
@@ -129,8 +128,8 @@ class OutputConstraints:
                 try:
                     import llguidance.hf
                 except ImportError:
-                    raise BackendUnavailable("Structured output on SafeTensors models needs llguidance "
-                                             f"(not installed here): {PIP_FIX}") from None
+                    raise BackendUnavailable("Structured output on SafeTensors models needs llguidance (not "
+                                             "installed here): pip install 'shimmy-server[safetensors]'") from None
                 size = len(self._hf_tokenizer)
                 try:
                     self._tokenizer = llguidance.hf.from_tokenizer(
