@@ -4,7 +4,8 @@ Shimmy reaches into the internals of some of its dependencies: it subclasses wai
 request parser and drives its event loop by hand, extends Jinja's code generator and
 sandbox, reads diskcache's SQLite tables directly, drives llama.cpp through
 llama-cpp-python's ``_internals`` and ctypes bindings, and walks the parse trees of
-Python's own ``re`` module.  None of this is covered by the projects' compatibility
+Python's own ``re`` module.  It also relies on documented but young behaviour of llguidance
+(its grammar-error text, its JSON options, its bitmask layout).  None of this is covered by the projects' compatibility
 promises.  pyproject.toml bounds these packages below their next major version (and
 llama-cpp-python below 0.4), but even patch releases have changed such internals, so these
 tests check that every private name Shimmy uses is still there, with the shape Shimmy
@@ -21,6 +22,7 @@ a sampler chain, a waitress server on a loopback port that is closed at once).
 from __future__ import annotations
 
 import importlib
+import json
 import inspect
 import socket
 import sqlite3
@@ -38,6 +40,7 @@ PLUGIN_MANAGER = "shimmy_core/plugin_manager.py"
 SCHEMAS = "shimmy_core/tools/schemas.py"
 GRAMMAR = "plugins/backends/gguf/gbnf.py"
 SAFETENSORS_ENGINE = "plugins/backends/safetensors/safetensors_engine.py"
+CONSTRAINTS = "plugins/backends/safetensors/safetensors_constraints.py"
 
 
 def require(user: str, module: str, name: str | None = None) -> Any:
@@ -703,3 +706,28 @@ def test_transformers_forward_arguments():
         f"{SAFETENSORS_ENGINE} relies on forward() taking 'cache' or 'past_key_values', found {sorted(names)}")
     assert names & {"logits_to_keep", "num_logits_to_keep"}, (
         f"{SAFETENSORS_ENGINE} relies on forward() taking 'logits_to_keep', found {sorted(names)}")
+
+
+# ============================================================================ llguidance (optional)
+def test_llguidance_api_and_error_text():
+    """safetensors_constraints.py uses llguidance's public API only, but relies on the shape of what it
+    returns: the "x-guidance" JSON options (json.dumps's separators, no other whitespace), grammar errors
+    as 'at L(C): failed to compile JSON schema: DETAIL' (DETAIL becomes the 400's message), and a
+    bitmask of little-endian 32-bit words, bit i of word j for token 32*j+i (checked with SmolLM2's
+    tokenizer in tests/test_safetensors_constraints.py).  pyproject.toml bounds llguidance below 2."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("llguidance")
+    matcher = require(CONSTRAINTS, "llguidance", "LLMatcher")
+    from_tokenizer = require(CONSTRAINTS, "llguidance.hf", "from_tokenizer")
+    assert {"n_vocab", "eos_token"} <= set(params(from_tokenizer)), (
+        f"{CONSTRAINTS} relies on llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=, eos_token=)")
+    for name in ("grammar_from_lark", "validate_grammar", "deep_copy", "compute_bitmask", "consume_token",
+                 "is_error", "get_error", "is_stopped"):
+        assert callable(getattr(matcher, name, None)), f"{CONSTRAINTS} relies on llguidance.LLMatcher.{name}"
+    from shimmy_plugins.backends.safetensors.safetensors_constraints import JSON_OPTIONS, _detail
+
+    ok = matcher.grammar_from_lark("start: %json " + json.dumps({"type": "object", "x-guidance": JSON_OPTIONS}))
+    assert matcher.validate_grammar(ok) == "", f"{CONSTRAINTS} relies on the x-guidance options {JSON_OPTIONS}"
+    error = matcher.validate_grammar(matcher.grammar_from_lark('start: %json {"not": {}}'))
+    assert _detail(error) == 'Unimplemented keys: ["not"]', (
+        f"{CONSTRAINTS} relies on llguidance's error text 'at L(C): failed to compile JSON schema: ...', got {error!r}")

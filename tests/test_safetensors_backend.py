@@ -32,7 +32,7 @@ from shimmy_core.contract.generation import (
 from shimmy_core.discovery import UNSUPPORTED, ModelFacts, Scanner, Skip
 from shimmy_plugins.backends.safetensors.safetensors_format import CUSTOM_CODE, SafeTensorsFormat
 from shimmy_core.contract.settings import Settings
-from tests.conftest import assert_greedy_agrees, safetensors_missing
+from tests.conftest import assert_greedy_agrees, safetensors_missing, wait_for
 
 pytestmark = pytest.mark.skipif(safetensors_missing() is not None, reason=str(safetensors_missing()))
 
@@ -144,14 +144,92 @@ def test_n_choices_run_as_rows_of_one_batch(model):
         assert_greedy_agrees(alone, out[index], margin=0.05)
 
 
-def test_an_output_format_is_refused_not_ignored(model):
-    params = SamplingParams(temperature=0, max_tokens=4)
-    prepared = model.prepare(chat("Say yes.", temperature=0, max_tokens=4))
-    with pytest.raises(InvalidPrompt) as info:
-        model.generate_choices([(prepared, dataclasses.replace(params, output=OutputFormat({"type": "object"})))],
-                               lambda: False)
-    assert info.value.param == "response_format" and info.value.code == "grammar_unsupported"
+CAT = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+                                        "color": {"enum": ["black", "white", "ginger", "grey"]}},
+       "required": ["name", "age", "color"], "additionalProperties": False}
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                            "unit": {"$ref": "#/$defs/unit"}},
+           "required": ["city", "unit"], "$defs": {"unit": {"enum": ["celsius", "fahrenheit"]}}}
+
+
+def test_an_output_format_is_enforced_greedy_and_sampled(model):
+    import jsonschema
+
+    for params in (dict(temperature=0), dict(temperature=1.0, seed=11)):
+        text, reason, usage, _, _ = run(model, chat("Describe a cat.", max_tokens=60, output=OutputFormat(CAT),
+                                                    **params))
+        assert reason == "stop" and usage.completion_tokens < 60  # ended by the grammar, not the limit
+        jsonschema.validate(json.loads(text), CAT)
+    text, reason, _, _, _ = run(model, chat("Say hi.", temperature=0, max_tokens=40,
+                                            output=OutputFormat({"type": "object"})))
+    assert reason == "stop" and isinstance(json.loads(text), dict)
+
+
+def test_forced_calls_name_a_tool_first_with_valid_arguments(model):
+    import jsonschema
+
+    calls = (("get_weather", WEATHER), ("get_time", None))
+    text, reason, _, _, _ = run(model, chat("What is the weather in Paris?", temperature=0, max_tokens=40,
+                                            output=OutputFormat(calls=calls[:1])))
+    call = json.loads(text)
+    assert reason == "stop" and list(call) == ["name", "arguments"] and call["name"] == "get_weather"
+    jsonschema.validate(call["arguments"], WEATHER)
+    # The end of turn banned: the grammar's up to 3 calls, one a line, then it stops.
+    text, reason, _, _, _ = run(model, chat("What is the weather in Paris?", temperature=0, max_tokens=120,
+                                            logit_bias=((2, -100.0),), output=OutputFormat(calls=calls, max_calls=3)))
+    lines = [json.loads(line) for line in text.split("\n")]
+    assert reason == "stop" and len(lines) == 3
+    assert all(list(c) == ["name", "arguments"] and c["name"] in ("get_weather", "get_time") for c in lines)
+
+
+def test_constrained_and_free_rows_share_a_batch(model):
+    free = chat(PROMPTS[0], temperature=0, max_tokens=12)
+    fixed = chat(PROMPTS[0], temperature=0, max_tokens=40, output=OutputFormat(CAT))
+    alone = run(model, free)[0]
+    chunks: dict[int, list] = {0: [], 1: []}
+    for index, chunk in model.generate_choices([(model.prepare(free), free.params),
+                                                (model.prepare(fixed), fixed.params)], lambda: False):
+        chunks[index].append(chunk)
+    texts = ["".join(c.text for c in chunks[i] if isinstance(c, TextDelta)) for i in (0, 1)]
+    assert texts[0] == alone
+    assert set(json.loads(texts[1])) == {"name", "age", "color"}
+
+
+def test_logprobs_come_from_the_model_not_the_grammar(model):
+    text, _, _, logprobs, _ = run(model, chat("Say hi.", temperature=0, max_tokens=3, logprobs=True, top_logprobs=2,
+                                              output=OutputFormat(CAT)))
+    first = logprobs[0]
+    assert text.startswith('{"') and first.token == '{"'  # the only token the grammar allows first
+    assert first.logprob < first.top[0].logprob <= 0  # its raw log-probability, not 0
+
+
+def test_an_unenforceable_schema_is_refused_in_prepare_naming_the_tool(model):
+    from shimmy_core.contract.generation import UnsupportedOutputSchema
+
+    bad = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+    with pytest.raises(UnsupportedOutputSchema) as info:
+        model.prepare(chat("hi", output=OutputFormat(calls=(("get_weather", WEATHER), ("tag", bad)))))
+    assert info.value.tool == "tag" and "uniqueItems" in info.value.detail
+    with pytest.raises(UnsupportedOutputSchema) as info:
+        model.prepare(chat("hi", output=OutputFormat({"not": {"type": "null"}}, calls=(("get_weather", WEATHER),))))
+    assert info.value.tool is None and "not" in info.value.detail
     assert model.stats() == {"busy_slots": 0, "queued": 0}
+
+
+def test_a_failing_matcher_ends_its_request_and_the_engine_goes_on(model, monkeypatch):
+    from shimmy_plugins.backends.safetensors.safetensors_constraints import ConstraintError, TokenConstraint
+
+    class Broken:
+        def compute_bitmask(self):
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(model.constraints, "constraint", lambda output, after=None: TokenConstraint(Broken()))
+    with pytest.raises(ConstraintError, match="output grammar failed: RuntimeError: boom"):
+        run(model, chat("Say hi.", temperature=0, max_tokens=8, output=OutputFormat({"type": "object"})))
+    monkeypatch.undo()
+    assert wait_for(lambda: model.stats() == {"busy_slots": 0, "queued": 0})
+    assert run(model, chat("Say hi.", temperature=0, max_tokens=4))[2].completion_tokens > 0
 
 
 def test_seed_reproduces_and_differs(model):

@@ -1,7 +1,8 @@
-"""The SafeTensors backend in real servers: torch and transformers stay out of
-processes that do not need them, a missing extra is a clear 503, Hugging Face
-cache snapshots load, a vanished client frees its row, and a full queue is a
-503 with Retry-After."""
+"""The SafeTensors backend in real servers: torch, transformers and llguidance stay
+out of processes that do not need them, a missing extra is a clear 503, Hugging
+Face cache snapshots load, a vanished client frees its row, a full queue is a
+503 with Retry-After, and structured output and forced tool calls are enforced
+(llguidance) through the openai SDK."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import sys
 import threading
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
 from tests.conftest import MODEL_ID, ROOT, SAFETENSORS_MODEL_ID, open_stream, safetensors_missing, wait_for
 
-HEAVY = ("torch", "transformers", "safetensors", "accelerate")
+HEAVY = ("torch", "transformers", "safetensors", "accelerate", "llguidance")
 # Print, as the process exits, which heavy modules it imported.
 REPORT_HEAVY = (
     "import atexit, sys\n"
@@ -146,3 +148,101 @@ def test_full_queue_and_queue_timeout_are_503(start_server, safetensors_model_pa
     assert wait_for(lambda: model_stats(server)["busy_slots"] == 0)
     assert client.chat.completions.create(**hi).choices  # the slot is free again
 
+
+
+# ------------------------------------------------------------------ structured output (llguidance)
+@pytest.fixture(scope="module")
+def st_client(safetensors_server):
+    if safetensors_missing() is not None:
+        pytest.skip(str(safetensors_missing()))
+    return openai.OpenAI(base_url=safetensors_server.url, api_key="x", max_retries=0, timeout=120)
+
+
+CAT = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+                                        "color": {"enum": ["black", "white", "ginger", "grey"]}},
+       "required": ["name", "age", "color"], "additionalProperties": False}
+CAT_FORMAT = {"type": "json_schema", "json_schema": {"name": "cat", "schema": CAT, "strict": True}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "The time in a city.",
+                                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                        "required": ["city"]}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _arguments(call) -> dict:
+    tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, tool["function"]["parameters"])
+    return args
+
+
+def test_st_json_object_and_json_schema(st_client):
+    r = st_client.chat.completions.create(
+        model=SAFETENSORS_MODEL_ID, messages=[{"role": "user", "content": "Reply with a JSON object with the name and age of a cat."}],
+        response_format={"type": "json_object"}, temperature=0, max_tokens=40)
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
+    r = st_client.chat.completions.create(model=SAFETENSORS_MODEL_ID, messages=[{"role": "user", "content": "A cat."}],
+                                          response_format=CAT_FORMAT, temperature=0, max_tokens=40)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), CAT)
+    stream = st_client.chat.completions.create(
+        model=SAFETENSORS_MODEL_ID, messages=[{"role": "user", "content": "A cat."}], response_format=CAT_FORMAT,
+        temperature=0.9, seed=5, max_tokens=40, stream=True)
+    chunks = [c for c in stream if c.choices]
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)), CAT)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_st_named_and_required_tool_calls(st_client):
+    named = st_client.chat.completions.create(
+        model=SAFETENSORS_MODEL_ID, messages=ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=40,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    _arguments(call)
+    stream = st_client.chat.completions.create(
+        model=SAFETENSORS_MODEL_ID, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", temperature=0,
+        max_tokens=40, stream=True)
+    chunks = [c for c in stream if c.choices]
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    [head] = [d for d in deltas if d.id]
+    assert head.function.name in ("get_weather", "get_time") and len(deltas) > 2  # arguments in pieces
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_st_parallel_required_allows_several_calls(st_client):
+    # The end of turn banned (SmolLM2's <|im_end|> is 2): the grammar's several calls, then its end.
+    r = st_client.chat.completions.create(
+        model=SAFETENSORS_MODEL_ID, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+        parallel_tool_calls=True, temperature=0, max_tokens=120, logit_bias={"2": -100})
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) > 1
+    for call in choice.message.tool_calls:
+        _arguments(call)
+    one = st_client.chat.completions.create(
+        model=SAFETENSORS_MODEL_ID, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+        temperature=0, max_tokens=60, logit_bias={"2": -100})
+    assert one.choices[0].finish_reason == "tool_calls" and len(one.choices[0].message.tool_calls) == 1
+
+
+def test_st_unsupported_schema_is_400(st_client):
+    with pytest.raises(openai.BadRequestError) as info:
+        st_client.chat.completions.create(
+            model=SAFETENSORS_MODEL_ID, messages=ASK, max_tokens=5,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                "type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}}})
+    assert info.value.body["code"] == "unsupported_schema" and "uniqueItems" in info.value.body["message"]
+    assert info.value.body["param"] == "response_format.json_schema.schema"
+    bad = {"type": "function", "function": {"name": "tag", "parameters": {
+        "type": "object", "properties": {"when": {"type": "string", "format": "uri-reference"}}}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        st_client.chat.completions.create(model=SAFETENSORS_MODEL_ID, messages=ASK, max_tokens=5,
+                                          tools=[WEATHER, bad], tool_choice="required")
+    assert info.value.body["code"] == "unsupported_schema" and info.value.body["param"] == "tools[1].function.parameters"

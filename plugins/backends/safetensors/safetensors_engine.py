@@ -21,8 +21,15 @@ presence/frequency penalties over the last ``PENALTY_LAST_N`` generated
 tokens, then greedy at temperature 0, else top_k, temperature, top_p, min_p
 (each keeping at least one token) and a draw from a per-choice seeded
 ``torch.Generator``.
+A row with an output format (``Job.constraint``, see ``safetensors_constraints``)
+first has the tokens its grammar forbids set to ``-inf``, greedy or not; its
+end-of-generation ids are allowed only where the grammar accepts, and the row
+ends with ``stop`` as soon as the grammar allows nothing but the end.  A matcher
+that fails ends its request with that error, not the engine.  Rows without a
+format pay nothing for this.
 Logprobs are the log-softmax of the model's raw logits, as llama.cpp reports
-them (logit_bias and penalties change the choice, not the reported numbers).
+them (logit_bias, penalties and the output format change the choice, not the
+reported numbers).
 
 A ticket's output is one queue of ``(choice, ("token", id, logprob, top))``
 items, then ``(choice, ("end", reason))`` for each choice, or
@@ -81,6 +88,9 @@ class Job:
     eog: frozenset[int]
     ticket: Ticket
     stopped: threading.Event = field(default_factory=threading.Event)  # a stop string ended it
+    # The output format's matcher (safetensors_constraints.TokenConstraint), None for free text:
+    # mask(logits) -> masked copy, advance(token), finished.
+    constraint: Any = None
 
     @property
     def cancelled(self) -> bool:
@@ -365,10 +375,19 @@ class BatchEngine:
         job = row.job
         if job.cancelled:
             return None
-        token = row.sampler.sample(logits)
-        row.sampler.accept(token)
-        if token in job.eog:
-            job.emit(("end", "stop"))
+        constraint = job.constraint
+        try:
+            token = row.sampler.sample(logits if constraint is None else constraint.mask(logits))
+            row.sampler.accept(token)
+            if token in job.eog:
+                job.emit(("end", "stop"))
+                return None
+            complete = False
+            if constraint is not None:
+                constraint.advance(token)
+                complete = constraint.finished
+        except BackendError as exc:  # the choice's matcher failed: end its request, keep the others
+            job.emit(("error", exc))
             return None
         row.generated += 1
         logprob, top = None, ()
@@ -380,6 +399,9 @@ class BatchEngine:
                 values, ids = torch.topk(lp, n)
                 top = tuple(zip(ids.tolist(), values.tolist()))
         job.emit(("token", token, logprob, top))
+        if complete:  # the output format allows nothing but the end
+            job.emit(("end", "stop"))
+            return None
         if row.generated >= job.max_tokens:
             job.emit(("end", "length"))
             return None

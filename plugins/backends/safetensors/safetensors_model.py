@@ -7,7 +7,9 @@ behaves exactly as the GGUF backend's model: the tokenizer's chat template
 rendered in Shimmy's sandbox, the same context-length checks and limits, the
 same end-of-turn stops, stop strings held back by
 :class:`~shimmy_core.stops.StopScanner`, the same sampling (see
-:mod:`shimmy_plugins.backends.safetensors.safetensors_engine`), and ``cancelled()`` checked for
+:mod:`shimmy_plugins.backends.safetensors.safetensors_engine`), the same structured output
+(an output format compiled by llguidance in ``prepare()``, see
+:mod:`shimmy_plugins.backends.safetensors.safetensors_constraints`), and ``cancelled()`` checked for
 every token.
 """
 
@@ -33,7 +35,6 @@ from shimmy_core.plugin_api import (
     ChoicesModel,
     Chunk,
     GenerationRequest,
-    InvalidPrompt,
     human_size,
     ModelLoadError,
     PreparedPrompt,
@@ -44,6 +45,7 @@ from shimmy_core.plugin_api import (
     TokenLogprob,
     TopLogprob,
 )
+from shimmy_plugins.backends.safetensors.safetensors_constraints import OutputConstraints
 from shimmy_plugins.backends.safetensors.safetensors_format import config_context_length
 from shimmy_plugins.backends.safetensors.safetensors_engine import BatchEngine, EngineError, Job, Ticket
 from shimmy_plugins.backends.safetensors.safetensors_text import IncrementalDecoder, TokenPieces
@@ -55,6 +57,15 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
+
+
+def _thought_end(prepared: PreparedPrompt) -> str | None:
+    """Where the output format starts for a prompt that leaves the model thinking: after the
+    reasoning's end (structured output constrains the answer, not the thought)."""
+    syntax = prepared.reasoning
+    if not prepared.thinking or syntax is None:
+        return None
+    return syntax.answer_start or syntax.close
 
 
 # ------------------------------------------------------------------ device and dtype
@@ -256,6 +267,7 @@ class SafeTensorsModel(ChoicesModel):
 
         self.engine = BatchEngine(model, device, parallel=settings.parallel, queue_size=settings.queue_size,
                                   chunk=settings.batch_size, threads=settings.threads, name=info.id)
+        self.constraints = OutputConstraints(tokenizer, self.eog, self.engine.vocab)
 
     def _special_prefix(self) -> list[int]:
         """The special ids the tokenizer puts before a text (BOS for Llama-style tokenizers, often none)."""
@@ -277,7 +289,10 @@ class SafeTensorsModel(ChoicesModel):
         return (list(self.prefix_ids) if add_prefix else []) + ids
 
     def prepare(self, request: GenerationRequest) -> PreparedPrompt:
-        return self.prompts.prepare(request)
+        prepared = self.prompts.prepare(request)
+        if request.params.output is not None:  # a schema llguidance cannot enforce is a 400 now
+            self.constraints.check(request.params.output, _thought_end(prepared))
+        return prepared
 
     # ------------------------------------------------------------ generation
     def _logprob(self, token: int, logprob: float, top: tuple) -> TokenLogprob:
@@ -291,12 +306,10 @@ class SafeTensorsModel(ChoicesModel):
     ) -> Iterator[tuple[int, Chunk]]:
         """Run every choice as a row of the batch; raises :class:`Overloaded` before any output when
         the queue cannot take them or the wait for a slot passes the queue timeout."""
-        if any(params.output is not None for _, params in choices):
-            raise InvalidPrompt("This model runs on the SafeTensors backend, which cannot constrain its output "
-                                "to a grammar; use a GGUF model for constrained output.",
-                                param="response_format", code="grammar_unsupported")
         ticket = Ticket(sum(p.max_tokens + 4 for p, _ in choices) + 4)
-        jobs = [Job(i, list(prepared.tokens), params, prepared.max_tokens, self.eog, ticket)
+        jobs = [Job(i, list(prepared.tokens), params, prepared.max_tokens, self.eog, ticket,
+                    constraint=(self.constraints.constraint(params.output, _thought_end(prepared))
+                                if params.output is not None else None))
                 for i, (prepared, params) in enumerate(choices)]
         self.engine.submit(jobs)
         await_slot(ticket.admitted, cancelled, ticket.cancel, self.queue_timeout, _POLL_S)
