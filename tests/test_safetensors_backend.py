@@ -321,7 +321,8 @@ def test_cancel_ends_with_length_and_frees_the_row(model):
 def test_full_queue_and_queue_timeout_are_overloaded(model, safetensors_model_path):
     from shimmy_plugins.backends.safetensors.safetensors_model import SafeTensorsModel
 
-    settings = Settings(parallel=1, queue_size=1, queue_timeout=3.0)
+    # the waiter must still be queued when the second request comes, even on a loaded machine
+    settings = Settings(parallel=1, queue_size=1, queue_timeout=8.0)
     one_slot = SafeTensorsModel(model.info, model.model, model.tokenizer, model.device, settings,
                                 config=json.loads((safetensors_model_path / "config.json").read_text()),
                                 generation={"eos_token_id": 2})
@@ -338,8 +339,8 @@ def test_full_queue_and_queue_timeout_are_overloaded(model, safetensors_model_pa
         with pytest.raises(Overloaded) as full:
             one_slot.generate_choices([long], lambda: False)
         assert not full.value.timed_out and full.value.retry_after >= 1
-        waiter.join(timeout=10)
-        assert waiting["error"] is not None and waiting["error"].timed_out  # waited 3 s, then 503
+        waiter.join(timeout=30)
+        assert waiting["error"] is not None and waiting["error"].timed_out  # waited 8 s, then 503
         running.close()
     finally:
         one_slot.engine.close()
