@@ -90,12 +90,13 @@ class ResponseRun:
             "incomplete_details": {"reason": "max_output_tokens"} if self.status == "incomplete" else None,
             "model": self.model,
             "output": [dict(item) for item in self.output],
-            "usage": usage_body(self.usages) if self.status != "in_progress" and self.usages else None,
             "store": self.store,
             "background": False,
             "service_tier": "default",
         }
         body.update({k: v for k, v in self.request.echo.items() if v is not None or k != "user"})
+        if self.status != "in_progress" and self.usages:  # the schema has no null usage: absent until known
+            body["usage"] = usage_body(self.usages)
         return body
 
     def _event(self, kind: str, **fields: Any) -> dict:
@@ -230,13 +231,13 @@ class ResponseRun:
     def fail(self, exc: BaseException) -> list[dict]:
         """An error after the stream began: an ``error`` event, then ``response.failed``."""
         err = from_exception(exc)
-        self._close("incomplete")
+        events = self._close("incomplete")
         self.status = "failed"
         code = "rate_limit_exceeded" if err.status in (429, 503) else (
             "invalid_prompt" if err.status == 400 else "server_error")
         self.error = {"code": code, "message": err.message}
-        return [self._event("error", code=err.code or code, message=err.message, param=err.param),
-                self._event("response.failed", response=self.response())]
+        return events + [self._event("error", code=err.code or code, message=err.message, param=err.param),
+                         self._event("response.failed", response=self.response())]
 
 
 def collect(run: ResponseRun, events) -> dict:
