@@ -138,10 +138,22 @@ def codex_bin() -> Path:
     return binary
 
 
-def test_codex_cli_completes_a_turn(codex_bin, server, tmp_path):
-    """`codex exec "say hi"` against Shimmy with wire_api = "responses": the turn completes with
-    no protocol error.  Codex's web search (a hosted tool Shimmy refuses by name), its sub-agent
-    and goal tools are switched off so that its prompt fits SmolLM2's 8k context."""
+@pytest.fixture(scope="module")
+def codex_server(start_server, smollm2_path):
+    """SmolLM2 with answers capped at 64 tokens: Codex sends no output limit and samples at the
+    default temperature, so the tiny model may ramble on to the end of its context (minutes of
+    CPU) and the turn then ends incomplete, which Codex reports as a failed turn."""
+    srv = start_server(["--model", str(smollm2_path), "--no-demo", "--max-tokens-ceiling", "64"])
+    httpx.get(srv.base + "/health", timeout=30).raise_for_status()
+    return srv
+
+
+def test_codex_cli_completes_a_turn(codex_bin, codex_server, tmp_path):
+    """`codex exec "say hi"` against Shimmy with wire_api = "responses": a turn completes with no
+    protocol error.  Codex's web search (a hosted tool Shimmy refuses by name), its sub-agent and
+    goal tools are switched off so that its prompt (about 5,800 tokens) fits SmolLM2's 8k context.
+    A turn the model talked past 64 tokens ends incomplete ("max_output_tokens"): that is the
+    model, not the protocol, so it is tried again (the prompt is then in the prefix cache)."""
     home = tmp_path / "codex-home"
     home.mkdir()
     (home / "config.toml").write_text(f'''model = "{MODEL_ID}"
@@ -154,18 +166,22 @@ goals = false
 
 [model_providers.local]
 name = "Shimmy"
-base_url = "{server.url}"
+base_url = "{codex_server.url}"
 wire_api = "responses"
 ''')
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
     env.update(CODEX_HOME=str(home), HOME=str(tmp_path), NO_COLOR="1")
-    done = subprocess.run([str(codex_bin), "exec", "--skip-git-repo-check", "--json", "say hi"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540, stdin=subprocess.DEVNULL)
-    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    for attempt in range(8):
+        done = subprocess.run([str(codex_bin), "exec", "--skip-git-repo-check", "--json", "say hi"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=540, stdin=subprocess.DEVNULL)
+        events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        failed = [e for e in events if e.get("type") == "turn.failed"]
+        if failed and "max_output_tokens" in json.dumps(failed):
+            continue
+        break
     kinds = [e.get("type") for e in events]
-    print("codex events:", json.dumps(events)[-4000:])
-    print("codex stderr:", done.stderr[-3000:])
-    assert done.returncode == 0, done.stderr[-3000:]
+    print(f"codex attempts: {attempt + 1}; events: {json.dumps(events)[-3000:]}")
+    assert done.returncode == 0, (kinds, done.stderr[-3000:])
     assert "turn.completed" in kinds and "turn.failed" not in kinds and "error" not in kinds, kinds
     usage = next(e["usage"] for e in events if e.get("type") == "turn.completed")
     print("codex usage:", usage)

@@ -18,7 +18,16 @@ from shimmy_plugins.dialects.openai.responses_bodies import ResponseRun
 from shimmy_plugins.dialects.openai.responses_requests import chat_messages, input_items, parse_responses_request
 from shimmy_plugins.dialects.openai.responses_store import ResponseStore
 from tests.conftest import builtin
-from tests.test_openai_api import assert_error, BOOM_GENERATE, FakeModel, FakePlugin, Harness, MODEL
+from tests.test_openai_api import (  # noqa: F401 - api and make_api are fixtures
+    api,
+    assert_error,
+    BOOM_GENERATE,
+    FakeModel,
+    FakePlugin,
+    Harness,
+    make_api,
+    MODEL,
+)
 
 EVENT_SCHEMAS = {
     "response.created": "ResponseCreatedEvent", "response.in_progress": "ResponseInProgressEvent",
@@ -46,32 +55,6 @@ class ThinkingModel(FakeModel):
             if isinstance(chunk, Usage):
                 chunk = Usage(chunk.prompt_tokens, chunk.completion_tokens + 2, reasoning_tokens=2)
             yield chunk
-
-
-@pytest.fixture
-def make_api(validate):
-    made: list = []
-
-    def make(model: FakeModel | None = None, **overrides) -> Harness:
-        settings = Settings.load({"demo": False}, {}).replace(**overrides)
-        plugin = FakePlugin()
-        if model is not None:
-            plugin.backend.model = model
-        pm = create_plugin_manager(load_entry_points=False, extra_plugins=[
-            ("fake", plugin), builtin("openai"), builtin("openai_responses")])
-        shimmy = build(settings, pm)
-        made.append(shimmy)
-        client = falcon.testing.TestClient(create_app(shimmy), headers={"Host": "localhost"})
-        return Harness(client, plugin, settings, validate)
-
-    yield make
-    for shimmy in made:
-        shimmy.close()
-
-
-@pytest.fixture
-def api(make_api) -> Harness:
-    return make_api()
 
 
 def create(api: Harness, **body) -> falcon.testing.Result:
