@@ -79,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-ttl", type=float, metavar="SECONDS", help="seconds a cached response lives (default 3600; 0: until evicted)")
     serve.add_argument("--cache-dir", metavar="DIR",
                        help="--cache disk: where prompts and answers are stored (default $SHIMMY_HOME/cache)")
+    serve.add_argument("--no-store-responses", dest="store_responses", action="store_const", const=False,
+                       help="keep no Responses API response in memory (previous_response_id is then refused)")
+    serve.add_argument("--stored-responses", type=int, metavar="N",
+                       help="most Responses API responses kept in memory (default 1000)")
+    serve.add_argument("--stored-responses-bytes", type=int, metavar="BYTES",
+                       help="most bytes the kept responses take (default 64 MiB)")
+    serve.add_argument("--stored-responses-ttl", type=float, metavar="SECONDS",
+                       help="seconds a response is kept (default 3600; 0: until evicted)")
     serve.add_argument("--api-key", dest="api_key", action="append", metavar="KEY",
                        help="require 'Authorization: Bearer KEY' (repeatable; SHIMMY_API_KEY, comma-separated)")
     serve.add_argument("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",

@@ -204,10 +204,14 @@ def make_api(validate):
     """``make_api(**settings)``: a TestClient over the app with the fake plugin only."""
     made: list = []
 
-    def make(**overrides) -> Harness:
+    def make(model: FakeModel | None = None, **overrides) -> Harness:
+        """``model``: the fake backend's model, when a test needs another kind of fake."""
         settings = Settings.load({"demo": False}, {}).replace(**overrides)
         plugin = FakePlugin()
-        pm = create_plugin_manager(load_entry_points=False, extra_plugins=[("fake", plugin), builtin("openai")])
+        if model is not None:
+            plugin.backend.model = model
+        pm = create_plugin_manager(load_entry_points=False, extra_plugins=[
+            ("fake", plugin), builtin("openai"), builtin("openai_responses")])
         shimmy = build(settings, pm)
         made.append(shimmy)
         # Falcon's simulated requests say Host: falconframework.org, which the DNS-rebinding check refuses.

@@ -208,3 +208,40 @@ def test_a_tool_call_written_inside_the_thought_is_not_a_call(validate, tmp_path
     message = api.ok(tools=[WEATHER])["choices"][0]["message"]
     assert message["tool_calls"][0]["function"]["name"] == "get_weather"
     assert message["reasoning_content"] == "Let me call it."
+
+
+# ------------------------------------------------------------------ the Responses API on the thinking model
+@pytest.fixture(scope="session")
+def budget_server(start_server, thinking_model):
+    """The thinking model with a server-wide budget (--reasoning-budget 4): every request thinks
+    for four tokens, then answers."""
+    return serve_model(start_server, thinking_model, "--reasoning-budget", "4")
+
+
+def test_responses_have_a_reasoning_item_and_reasoning_tokens(budget_server, validate):
+    body = {"model": MODEL, "input": "Give me a JSON object about a dog.", "max_output_tokens": 20,
+            "temperature": 0}
+    response = httpx.post(budget_server.url + "/responses", json=body, timeout=60).json()
+    validate(response, "Response")
+    kinds = [item["type"] for item in response["output"]]
+    assert kinds == ["reasoning", "message"], kinds
+    assert response["output"][0]["content"][0]["type"] == "reasoning_text"
+    assert response["output"][0]["content"][0]["text"]
+    assert response["usage"]["output_tokens_details"]["reasoning_tokens"] == 4
+    events = []
+    with httpx.stream("POST", budget_server.url + "/responses", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    for event in events:
+        validate(event, "ResponseStreamEvent")
+    types = [e["type"] for e in events]
+    assert "response.reasoning_text.delta" in types and "response.reasoning_text.done" in types
+    assert types.index("response.reasoning_text.done") < types.index("response.output_text.delta")
+
+
+def test_a_server_budget_applies_to_chat_too(budget_server):
+    r = sdk_client(budget_server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Give me a JSON object about a dog."}], temperature=0,
+        max_tokens=16)
+    assert r.usage.completion_tokens_details.reasoning_tokens == 4 and r.choices[0].message.content

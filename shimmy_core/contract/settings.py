@@ -59,6 +59,11 @@ class Settings:
     max_header_bytes: int = 64 * 1024     # most bytes of request headers
     client_timeout: float = 120.0         # seconds a connection may stay idle or half-sent
     shutdown_grace: float = 10.0          # seconds running requests get to finish on SIGTERM/SIGINT
+    # Stored responses of the Responses API: in this process's memory only (docs/operations.md#privacy)
+    store_responses: bool = True          # --no-store-responses: keep none, whatever a request's "store" says
+    stored_responses: int = 1000          # most responses kept; the oldest goes first
+    stored_responses_bytes: int = 64 * 1024 * 1024  # most bytes (as JSON) all kept responses take
+    stored_responses_ttl: float = 3600.0  # seconds a response is kept; 0: until evicted
     max_loaded_models: int = 0            # models kept in memory at once; 0: no limit
     keep_alive: float = -1.0              # seconds a model stays loaded while unused; negative: forever
     # Tools (docs/tools.md)

@@ -35,6 +35,9 @@ ROOTS = [
     "CreateResponse",
     "Response",
     "ResponseStreamEvent",
+    "ResponseItemList",
+    "TokenCountsBody",
+    "TokenCountsResource",
 ]
 
 

@@ -280,15 +280,15 @@ def _describe(error: jsonschema.ValidationError, param: str | None) -> str:
     return f"Invalid value for {where}: {_short(error.message)}."
 
 
-def _validate(kind: str, body: dict) -> None:
-    validator = _VALIDATORS[kind]
+def validate_body(validator: Draft202012Validator, body: dict) -> None:
+    """Check ``body`` against a request schema; the first problem is a 400 naming its path."""
     error = jsonschema.exceptions.best_match(validator.iter_errors(body))
     if error is not None:
         param = _param_name(error)
         raise invalid(_describe(error, param), param=param, code="invalid_value" if param else None)
 
 
-def _check_text(value: str, param: str) -> str:
+def check_text(value: str, param: str) -> str:
     if "\x00" in value:
         raise invalid(f"Invalid value for '{param}': text must not contain NUL characters.", param=param)
     try:
@@ -300,13 +300,13 @@ def _check_text(value: str, param: str) -> str:
     return value
 
 
-def _check_strings(value: object, param: str) -> None:
+def check_strings(value: object, param: str) -> None:
     """Check every string inside a JSON value (already depth-limited)."""
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            _check_text(item, param)
+            check_text(item, param)
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
@@ -322,7 +322,7 @@ def _message_text(message: dict, index: int) -> str | None:
             raise invalid(f"Missing content for a {message['role']} message.", param=param)
         return None
     if isinstance(content, str):
-        return _check_text(content, param)
+        return check_text(content, param)
     texts = []
     for j, part in enumerate(content):
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -330,11 +330,11 @@ def _message_text(message: dict, index: int) -> str | None:
                 f"Unsupported content part type {part.get('type')!r}: this server accepts text parts only.",
                 param=f"{param}[{j}]",
             )
-        texts.append(_check_text(part["text"], f"{param}[{j}].text"))
+        texts.append(check_text(part["text"], f"{param}[{j}].text"))
     return "".join(texts)
 
 
-def _finite(body: dict, name: str, default: float) -> float:
+def finite(body: dict, name: str, default: float) -> float:
     value = body.get(name)
     if value is None:
         return default
@@ -345,7 +345,7 @@ def _finite(body: dict, name: str, default: float) -> float:
 
 def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
     """Validate ``body`` (already JSON-decoded) for ``kind`` ("chat" or "completion")."""
-    _validate(kind, body)
+    validate_body(_VALIDATORS[kind], body)
     stream = bool(body.get("stream") or False)
     options = body.get("stream_options")
     if options is not None and not stream:
@@ -362,7 +362,7 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
 
     stop = body.get("stop")
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    stops = tuple(_check_text(s, "stop") for s in stops if s)
+    stops = tuple(check_text(s, "stop") for s in stops if s)
 
     if kind == "chat":
         logprobs = bool(body.get("logprobs") or False)
@@ -377,14 +377,14 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_finite(body, "temperature", 1.0),
-        top_p=_finite(body, "top_p", 1.0),
+        temperature=finite(body, "temperature", 1.0),
+        top_p=finite(body, "top_p", 1.0),
         top_k=int(body.get("top_k") or 0),
-        min_p=_finite(body, "min_p", 0.0),
+        min_p=finite(body, "min_p", 0.0),
         stop=stops,
         seed=body.get("seed"),
-        presence_penalty=_finite(body, "presence_penalty", 0.0),
-        frequency_penalty=_finite(body, "frequency_penalty", 0.0),
+        presence_penalty=finite(body, "presence_penalty", 0.0),
+        frequency_penalty=finite(body, "frequency_penalty", 0.0),
         logit_bias=tuple(sorted((int(k), float(v)) for k, v in (body.get("logit_bias") or {}).items())),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
@@ -403,9 +403,9 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
             item = {"role": role, "content": "" if text is None and not message.get("tool_calls") else text}
             for key in ("name", "tool_call_id", "reasoning_content"):
                 if message.get(key) is not None:
-                    item[key] = _check_text(message[key], f"messages[{i}].{key}")
+                    item[key] = check_text(message[key], f"messages[{i}].{key}")
             if message.get("tool_calls"):
-                _check_strings(message["tool_calls"], f"messages[{i}].tool_calls")
+                check_strings(message["tool_calls"], f"messages[{i}].tool_calls")
                 item["tool_calls"] = message["tool_calls"]
             messages.append(item)
         reasoning = None
@@ -419,7 +419,7 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
         raw = body["prompt"]
         texts = [raw] if isinstance(raw, str) else raw
         prompts = tuple(
-            GenerationRequest(prompt=_check_text(t, "prompt"), params=params) for t in texts
+            GenerationRequest(prompt=check_text(t, "prompt"), params=params) for t in texts
         )
     return ParsedRequest(
         kind=kind,
@@ -433,31 +433,59 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
     )
 
 
-def _user_schema(schema, param: str) -> None:
+def check_user_schema(schema, param: str) -> None:
     try:
         check_schema(schema)
     except SchemaProblem as exc:
         raise invalid(f"Invalid JSON Schema in '{param}': {exc}.", param=param, code="invalid_schema") from None
 
 
+def add_tool(requested: list[RequestedTool], name: str, description, parameters, param: str) -> None:
+    """Check one function definition (``param`` is its path) and add it to ``requested``."""
+    if parameters is not None:
+        check_user_schema(parameters, f"{param}.parameters")
+    if description is not None:
+        check_text(description, f"{param}.description")
+    if any(t.name == name for t in requested):
+        raise invalid(f"Duplicate function name {name!r} in 'tools'.", param=f"{param}.name")
+    requested.append(RequestedTool(name, description, parameters, len(requested)))
+
+
+def check_tool_choice(requested: list[RequestedTool], choice: str, function: str | None,
+                      allowed: tuple[str, ...] | None, function_param: str, allowed_param: str) -> None:
+    """The functions ``tool_choice`` names must be in ``tools``; forcing a call needs tools."""
+    names = [t.name for t in requested]
+    if function is not None and function not in names:
+        raise invalid(f"'tool_choice' names the function {function!r}, which is not in 'tools'.",
+                      param=function_param, code="invalid_value")
+    unknown = [n for n in allowed or () if n not in names]
+    if unknown:
+        raise invalid(f"'tool_choice' allows {unknown[0]!r}, which is not in 'tools'.",
+                      param=allowed_param, code="invalid_value")
+    if choice in ("required", "function") and not requested:
+        raise invalid("'tool_choice' is only allowed when 'tools' are given.", param="tool_choice")
+
+
+def answer_schema(kind: str, schema, param: str):
+    """The answer's JSON Schema for a format ``kind`` (text, json_object, json_schema), checked."""
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        check_user_schema(schema, param)
+        return schema
+    return None
+
+
 def _tool_request(body: dict) -> ToolRequest:
     """The tool-related fields of a chat body (``response_format`` included), checked."""
-    requested = []
+    requested: list[RequestedTool] = []
     for i, tool in enumerate(body.get("tools") or ()):
         if "function" not in tool:
             raise invalid(f"Missing required parameter: 'tools[{i}].function'.", param=f"tools[{i}].function",
                           code="invalid_value")
         function = tool["function"]
-        parameters = function.get("parameters")
-        if parameters is not None:
-            _user_schema(parameters, f"tools[{i}].function.parameters")
-        description = function.get("description")
-        if description is not None:
-            _check_text(description, f"tools[{i}].function.description")
-        if any(t.name == function["name"] for t in requested):
-            raise invalid(f"Duplicate function name {function['name']!r} in 'tools'.", param=f"tools[{i}].function.name")
-        requested.append(RequestedTool(function["name"], description, parameters, i))
-    names = [t.name for t in requested]
+        add_tool(requested, function["name"], function.get("description"), function.get("parameters"),
+                 f"tools[{i}].function")
 
     raw_choice = body.get("tool_choice")
     choice, function, allowed = ("auto" if requested else "none"), None, None
@@ -465,36 +493,25 @@ def _tool_request(body: dict) -> ToolRequest:
         choice = raw_choice
     elif isinstance(raw_choice, dict) and raw_choice.get("type") == "function":
         choice, function = "function", raw_choice["function"]["name"]
-        if function not in names:
-            raise invalid(f"'tool_choice' names the function {function!r}, which is not in 'tools'.",
-                          param="tool_choice.function.name", code="invalid_value")
     elif isinstance(raw_choice, dict):
         spec = raw_choice["allowed_tools"]
         choice = spec["mode"]
         allowed = tuple(t["function"]["name"] for t in spec["tools"])
-        unknown = [n for n in allowed if n not in names]
-        if unknown:
-            raise invalid(f"'tool_choice' allows {unknown[0]!r}, which is not in 'tools'.",
-                          param="tool_choice.allowed_tools.tools", code="invalid_value")
-    if choice in ("required", "function") and not requested:
-        raise invalid("'tool_choice' is only allowed when 'tools' are given.", param="tool_choice")
+    check_tool_choice(requested, choice, function, allowed, "tool_choice.function.name",
+                      "tool_choice.allowed_tools.tools")
 
-    answer_schema = None
     response_format = body.get("response_format") or {"type": "text"}
-    if response_format["type"] == "json_object":
-        answer_schema = {"type": "object"}
-    elif response_format["type"] == "json_schema":
-        spec = response_format.get("json_schema")
+    spec = response_format.get("json_schema")
+    if response_format["type"] == "json_schema":
         if not isinstance(spec, dict):
             raise invalid("Missing required parameter: 'response_format.json_schema'.",
                           param="response_format.json_schema", code="invalid_value")
         if "schema" not in spec:
             raise invalid("'response_format' of type json_schema needs 'json_schema.schema'.",
                           param="response_format.json_schema.schema", code="invalid_value")
-        answer_schema = spec["schema"]
-        _user_schema(answer_schema, "response_format.json_schema.schema")
+    schema = answer_schema(response_format["type"], (spec or {}).get("schema"), "response_format.json_schema.schema")
     parallel = body.get("parallel_tool_calls")
-    return ToolRequest(tuple(requested), choice, function, allowed, parallel, answer_schema)
+    return ToolRequest(tuple(requested), choice, function, allowed, parallel, schema)
 
 
 def unsupported_schema(exc: UnsupportedOutputSchema, body: dict) -> APIError:

@@ -13,9 +13,10 @@ from shimmy_plugins.dialects.openai.openai_errors import from_exception
 DONE = b"data: [DONE]\n\n"
 
 
-def sse_event(payload: dict) -> bytes:
-    """One SSE event carrying a JSON object."""
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+def sse_event(payload: dict, event: str | None = None) -> bytes:
+    """One SSE event carrying a JSON object, with an ``event:`` line when ``event`` names it."""
+    head = b"event: " + event.encode("utf-8") + b"\n" if event else b""
+    return head + b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
 
 
 def collect(builder: ResponseBuilder, events: Iterable[tuple[int, Chunk]]) -> dict:
