@@ -26,7 +26,8 @@ from shimmy_core.contract.generation import (
     Usage,
 )
 from shimmy_core.catalog import ModelCatalog, ModelManager
-from shimmy_core.contract.model_info import ModelInfo
+from shimmy_core.contract.embedding import WrongModelKind
+from shimmy_core.contract.model_info import CHAT, ModelInfo
 from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.contract.settings import Settings
 from shimmy_core.reasoning import ReasoningParser, forced_close, split_reasoning
@@ -136,9 +137,12 @@ class CompletionService:
         self.tools = tools if tools is not None else ToolBox()
 
     def resolve(self, model_id: str) -> ModelInfo:
+        """The chat model named ``model_id`` (an embedding or rerank model is a 400)."""
         info = self.catalog.get(model_id)
         if info is None:
             raise ModelNotFound(model_id)
+        if info.kind != CHAT:
+            raise WrongModelKind(info.id, info.kind, CHAT)
         return info
 
     def _plan(self, parsed: ParsedRequest) -> ToolPlan | None:
