@@ -315,3 +315,38 @@ def sdk_greedy(choice) -> list[tuple[str, dict[str, float]]]:
     """``(token, top logprobs)`` of each generated token of an openai SDK choice or stream."""
     content = choice if isinstance(choice, list) else choice.logprobs.content
     return [(t.token, {c.token: c.logprob for c in t.top_logprobs}) for t in content]
+
+
+# ------------------------------------------------------------------ embedding and rerank test models
+def _embedding_model(build):
+    """A model of tests/embedding_models.py, skipped where its inputs are missing."""
+    from tests import embedding_models
+
+    reason = safetensors_missing() or embedding_models.minilm_missing()
+    if reason:
+        pytest.skip(reason)
+    return build(embedding_models, safetensors_cache_root())
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2, a sentence-transformers SafeTensors folder (mean pooling, normalized)."""
+    return _embedding_model(lambda m, root: m.minilm_folder(root))
+
+
+@pytest.fixture(scope="session")
+def minilm_gguf_path() -> Path:
+    """all-MiniLM-L6-v2 converted to GGUF (f16) by llama.cpp's convert_hf_to_gguf.py."""
+    return _embedding_model(lambda m, root: m.minilm_gguf(root))
+
+
+@pytest.fixture(scope="session")
+def reranker_path() -> Path:
+    """A tiny random BertForSequenceClassification (one label), SafeTensors."""
+    return _embedding_model(lambda m, root: m.reranker_folder(root))
+
+
+@pytest.fixture(scope="session")
+def reranker_gguf_path() -> Path:
+    """The tiny reranker converted to GGUF (rank pooling)."""
+    return _embedding_model(lambda m, root: m.reranker_gguf(root))

@@ -211,7 +211,7 @@ def read_sentence_transformers(directory: Path, names: AbstractSet[str]) -> Sent
                                 f"(Shimmy pools by one of mean, cls, max, lasttoken)", UNSUPPORTED)
                 pooling = modes[0]
             else:
-                return Skip(f"sentence-transformers module {kind or module!r} is not supported "
+                return Skip(f"sentence-transformers module {kind or repr(module)} is not supported "
                             "(Shimmy runs Transformer, Pooling and Normalize)", EMBEDDING)
         bert = read_json(directory / "sentence_bert_config.json") if "sentence_bert_config.json" in names else {}
         extra = read_json(directory / "config_sentence_transformers.json") \
