@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from shimmy_core.admission import Turnstile
 from shimmy_core.catalog import ModelCatalog, ModelManager
 from shimmy_core.contract.embedding import EmbeddingInput, WrongModelKind
-from shimmy_core.contract.generation import InvalidRequest, ModelNotFound, Overloaded
+from shimmy_core.contract.generation import InvalidRequest, Overloaded
 from shimmy_core.contract.model_info import EMBEDDING_KIND, RERANK, ModelInfo
 from shimmy_core.contract.settings import Settings
 from shimmy_core.lifecycle import Lifecycle, ShuttingDown
@@ -49,24 +49,14 @@ def shorten(vectors: list[list[float]], dimensions: int) -> list[list[float]]:
     return out
 
 
+@dataclass
 class EmbeddingService:
-    def __init__(self, catalog: ModelCatalog, manager: ModelManager, settings: Settings,
-                 lifecycle: Lifecycle | None = None):
-        self.catalog = catalog
-        self.manager = manager
-        self.settings = settings
-        self.lifecycle = lifecycle
-        self._gates: dict[str, Turnstile] = {}
-        self._gates_lock = threading.Lock()
-
-    def resolve(self, model_id: str, wanted: str) -> ModelInfo:
-        """The model named ``model_id``, if it is a ``wanted`` model (``embedding`` or ``rerank``)."""
-        info = self.catalog.get(model_id)
-        if info is None:
-            raise ModelNotFound(model_id)
-        if info.kind != wanted:
-            raise WrongModelKind(info.id, info.kind, wanted)
-        return info
+    catalog: ModelCatalog
+    manager: ModelManager
+    settings: Settings
+    lifecycle: Lifecycle | None = None
+    _gates: dict[str, Turnstile] = field(default_factory=dict, init=False, repr=False)
+    _gates_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def embed(self, model_id: str, inputs: Sequence[EmbeddingInput], *, truncate: bool = False,
               dimensions: int | None = None, cancelled: Callable[[], bool] = lambda: False) -> EmbeddingResult:
@@ -74,7 +64,7 @@ class EmbeddingService:
         for a model trained for it (Matryoshka), else :class:`InvalidRequest`."""
         if not inputs:
             raise InvalidRequest("The input must not be empty.", param="input", code="empty_input")
-        info = self.resolve(model_id, EMBEDDING_KIND)
+        info = self.catalog.resolve(model_id, EMBEDDING_KIND)
         model = self.manager.get(info)
         if not callable(getattr(model, "embed", None)):
             raise WrongModelKind(info.id, "chat", EMBEDDING_KIND)  # a backend that cannot embed
@@ -100,7 +90,7 @@ class EmbeddingService:
         """A relevance score for each document against ``query``."""
         if not documents:
             raise InvalidRequest("documents must not be empty.", param="documents", code="empty_input")
-        info = self.resolve(model_id, RERANK)
+        info = self.catalog.resolve(model_id, RERANK)
         model = self.manager.get(info)
         if not callable(getattr(model, "rerank", None)):
             raise WrongModelKind(info.id, "chat", RERANK)

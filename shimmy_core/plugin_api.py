@@ -67,6 +67,7 @@ from shimmy_core.contract.model_info import (
     SkippedFile,
 )
 from shimmy_core.contract.settings import Settings
+from shimmy_core.embedding_inputs import InputTokens
 from shimmy_core.embedding_service import EmbeddingResult, EmbeddingService, RerankResult
 from shimmy_core.discovery import (
     ADAPTER,
@@ -127,6 +128,7 @@ __all__ = [
     # embedding and rerank models: what a model is for, what they implement, their results
     "CHAT", "EMBEDDING_KIND", "RERANK", "MODEL_KINDS", "EmbeddingInput", "EmbeddingModel", "Embeddings",
     "RerankModel", "RerankScores", "WrongModelKind", "EmbeddingService", "EmbeddingResult", "RerankResult",
+    "InputTokens",
     # API dialects: the neutral request, the generation flow of a route, errors
     "Dialect", "DialectServer", "Generation", "HTTPRefusal", "ParsedRequest", "RequestedTool", "ToolRequest",
     "neutral_error", "read_body",

@@ -19,14 +19,12 @@ from shimmy_core.contract.generation import (
     GenerationRequest,
     InvalidRequest,
     LoadedModel,
-    ModelNotFound,
     PreparedPrompt,
     SamplingParams,
     TextDelta,
     Usage,
 )
 from shimmy_core.catalog import ModelCatalog, ModelManager
-from shimmy_core.contract.embedding import WrongModelKind
 from shimmy_core.contract.model_info import CHAT, ModelInfo
 from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.contract.settings import Settings
@@ -138,12 +136,7 @@ class CompletionService:
 
     def resolve(self, model_id: str) -> ModelInfo:
         """The chat model named ``model_id`` (an embedding or rerank model is a 400)."""
-        info = self.catalog.get(model_id)
-        if info is None:
-            raise ModelNotFound(model_id)
-        if info.kind != CHAT:
-            raise WrongModelKind(info.id, info.kind, CHAT)
-        return info
+        return self.catalog.resolve(model_id, CHAT)
 
     def _plan(self, parsed: ParsedRequest) -> ToolPlan | None:
         if parsed.tools is None:

@@ -328,25 +328,19 @@ def _embedding_model(build):
     return build(embedding_models, safetensors_cache_root())
 
 
-@pytest.fixture(scope="session")
-def minilm_path() -> Path:
-    """all-MiniLM-L6-v2, a sentence-transformers SafeTensors folder (mean pooling, normalized)."""
-    return _embedding_model(lambda m, root: m.minilm_folder(root))
+def _embedding_fixture(build, doc: str):
+    def fixture() -> Path:
+        return _embedding_model(build)
+
+    fixture.__doc__ = doc
+    return pytest.fixture(scope="session")(fixture)
 
 
-@pytest.fixture(scope="session")
-def minilm_gguf_path() -> Path:
-    """all-MiniLM-L6-v2 converted to GGUF (f16) by llama.cpp's convert_hf_to_gguf.py."""
-    return _embedding_model(lambda m, root: m.minilm_gguf(root))
-
-
-@pytest.fixture(scope="session")
-def reranker_path() -> Path:
-    """A tiny random BertForSequenceClassification (one label), SafeTensors."""
-    return _embedding_model(lambda m, root: m.reranker_folder(root))
-
-
-@pytest.fixture(scope="session")
-def reranker_gguf_path() -> Path:
-    """The tiny reranker converted to GGUF (rank pooling)."""
-    return _embedding_model(lambda m, root: m.reranker_gguf(root))
+minilm_path = _embedding_fixture(lambda m, root: m.minilm_folder(root),
+                                 "all-MiniLM-L6-v2, a sentence-transformers SafeTensors folder (mean pooling, normalized).")
+minilm_gguf_path = _embedding_fixture(lambda m, root: m.minilm_gguf(root),
+                                      "all-MiniLM-L6-v2 converted to GGUF (f16) by llama.cpp's convert_hf_to_gguf.py.")
+reranker_path = _embedding_fixture(lambda m, root: m.reranker_folder(root),
+                                   "A tiny random BertForSequenceClassification (one label), SafeTensors.")
+reranker_gguf_path = _embedding_fixture(lambda m, root: m.reranker_gguf(root),
+                                        "The tiny reranker converted to GGUF (rank pooling).")

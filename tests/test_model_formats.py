@@ -246,3 +246,14 @@ def test_safetensors_kind_and_sentence_transformers_config(tmp_path):
     assert isinstance(skip, Skip) and "pooling_mode_weightedmean_tokens is not supported" in skip.reason
     plain = read_sentence_transformers(tmp_path, names - {"modules.json"})
     assert (plain.pooling, plain.normalize) == ("mean", False)
+
+
+def test_a_gguf_embedding_model_may_declare_matryoshka_sizes(tmp_path):
+    from shimmy_plugins.backends.gguf.gguf_format import _gguf_facts
+    from shimmy_plugins.backends.gguf.gguf_header import GGUFHeader
+
+    header = GGUFHeader(3, 1, {"general.architecture": "nomic-bert", "nomic-bert.pooling_type": 1,
+                               "shimmy.matryoshka_dimensions": [256, 768, 64]}, 0, 1)
+    facts = _gguf_facts(tmp_path / "m.gguf", header, 1, 0, ())
+    assert facts.kind == "embedding"
+    assert facts.extra["matryoshka_dimensions"] == [768, 256, 64] and facts.extra["pooling_type"] == 1

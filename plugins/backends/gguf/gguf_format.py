@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from shimmy_core.plugin_api import ADAPTER, CORRUPT, DIFFUSION, INCOMPLETE, NOT_A_MODEL, PROJECTOR, SPEECH
-from shimmy_core.plugin_api import CHAT, EMBEDDING_KIND, RERANK, HeaderCache, ModelFacts, Recognized, Skip, stat_key, UNSUPPORTED
+from shimmy_core.plugin_api import CHAT, EMBEDDING_KIND, RERANK, HeaderCache, ModelFacts, Recognized, Skip, stat_key
+from shimmy_core.plugin_api import UNSUPPORTED
 from shimmy_plugins.backends.gguf.gguf_header import GGUFError, GGUFHeader, read_gguf_header
 
 NOT_GGUF = "not-gguf"   # skip category: named .gguf, but no GGUF magic

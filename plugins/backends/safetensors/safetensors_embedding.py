@@ -19,16 +19,8 @@ from typing import Any, Sequence
 
 import torch
 
-from shimmy_core.plugin_api import (
-    ContextLengthExceeded,
-    EmbeddingInput,
-    Embeddings,
-    InvalidRequest,
-    ModelLoadError,
-    RERANK,
-    RerankScores,
-    Skip,
-)
+from shimmy_core.plugin_api import EmbeddingInput, Embeddings, InputTokens, ModelLoadError, RERANK
+from shimmy_core.plugin_api import RerankScores, Skip
 from shimmy_plugins.backends.safetensors.safetensors_format import config_context_length, read_sentence_transformers
 from shimmy_plugins.backends.safetensors.safetensors_model import load_pretrained
 
@@ -68,35 +60,9 @@ class SafeTensorsEmbeddingModel:
         self.dimensions = hidden or int(model.config.hidden_size)
         self.matryoshka_dimensions = tuple(d for d in matryoshka if d < self.dimensions)
         self._lock = threading.Lock()
-        self._vocab = len(tokenizer)
-        # the token that closes an input ([SEP], </s>): kept when an input is truncated
-        self._closing = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-
-    # ------------------------------------------------------------ tokens
-    def _ids(self, item: EmbeddingInput, truncate: bool, index: int) -> list[int]:
-        if isinstance(item, str):
-            ids = self.tokenizer(item, add_special_tokens=True)["input_ids"]
-        else:
-            ids = list(item)
-            bad = [t for t in ids if not 0 <= t < self._vocab]
-            if bad:
-                raise InvalidRequest(f"Input {index} has the token id {bad[0]}, outside this model's vocabulary "
-                                     f"(0 to {self._vocab - 1}).", param="input", code="invalid_token")
-        if not ids:
-            raise InvalidRequest(f"Input {index} is empty.", param="input", code="empty_input")
-        return self._fit(ids, truncate, "input", index)
-
-    def _fit(self, ids: list[int], truncate: bool, param: str, index: int) -> list[int]:
-        if len(ids) <= self.context_length:
-            return ids
-        if not truncate:
-            what = "Input" if param == "input" else "Document"
-            raise ContextLengthExceeded(
-                f"{what} {index} is {len(ids)} tokens long; this model reads at most {self.context_length} tokens. "
-                "Shorten it, or send truncate: true to cut it.", param=param)
-        if ids[-1] == self._closing:
-            return ids[: self.context_length - 1] + [ids[-1]]
-        return ids[: self.context_length]
+        closing = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        self._inputs = InputTokens(lambda text: tokenizer(text, add_special_tokens=True)["input_ids"], len(tokenizer),
+                                   context_length, closing)
 
     # ------------------------------------------------------------ running
     def _batches(self, rows: list[dict[str, list[int]]]):
@@ -117,7 +83,7 @@ class SafeTensorsEmbeddingModel:
             yield chunk, tensors
 
     def embed(self, inputs: Sequence[EmbeddingInput], truncate: bool = False) -> Embeddings:
-        rows = [{"input_ids": self._ids(item, truncate, i)} for i, item in enumerate(inputs)]
+        rows = [{"input_ids": self._inputs.of(item, truncate, i)} for i, item in enumerate(inputs)]
         vectors: list[list[float]] = [[] for _ in rows]
         with self._lock, torch.inference_mode():
             for chunk, tensors in self._batches(rows):
@@ -135,9 +101,9 @@ class SafeTensorsEmbeddingModel:
             enc = self.tokenizer(query, document, truncation="only_second" if truncate else False,
                                  max_length=self.context_length if truncate else None)
             row = {k: list(enc[k]) for k in ("input_ids", "token_type_ids") if k in enc}
-            self._fit(row["input_ids"], truncate, "documents", i)
+            self._inputs.fit(row["input_ids"], truncate, i, "documents")
             if len(row["input_ids"]) > self.context_length:  # the query alone is too long: cut the pair's end
-                row = {k: self._fit(v, True, "documents", i) if k == "input_ids" else v[: self.context_length]
+                row = {k: self._inputs.fit(v, True, i, "documents") if k == "input_ids" else v[: self.context_length]
                        for k, v in row.items()}
             rows.append(row)
         scores = [0.0] * len(rows)

@@ -51,37 +51,44 @@ def _service(server: DialectServer) -> EmbeddingService:
     return server.embeddings
 
 
-class EmbeddingsResource:
+class _ServiceRoute:
+    """A route over the embedding service: read and validate the body (``parse``), run it
+    (``run``), note the model and the tokens for the access log and metrics, answer (``answer``)."""
+
+    def __init__(self, server: DialectServer):
+        self.server = server
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        parsed = self.parse(parse_json(read_body(req, self.server.settings.max_body_bytes)))
+        req.context.model = parsed.model
+        result = self.run(_service(self.server), parsed, _cancelled(req))
+        req.context.model = result.model
+        req.context.usage = (result.prompt_tokens, 0)
+        resp.media = self.answer(parsed, result)
+
+
+class EmbeddingsResource(_ServiceRoute):
     """``POST /v1/embeddings``."""
 
-    def __init__(self, server: DialectServer):
-        self.server = server
+    parse = staticmethod(parse_embedding_request)
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = parse_json(read_body(req, self.server.settings.max_body_bytes))
-        parsed = parse_embedding_request(body)
-        req.context.model = parsed.model
-        result = _service(self.server).embed(parsed.model, parsed.inputs, truncate=parsed.truncate,
-                                             dimensions=parsed.dimensions, cancelled=_cancelled(req))
-        req.context.model = result.model
-        req.context.usage = (result.prompt_tokens, 0)
-        resp.media = embedding_body(result.model, result.vectors, result.prompt_tokens, parsed.base64)
+    def run(self, service: EmbeddingService, parsed, cancelled):
+        return service.embed(parsed.model, parsed.inputs, truncate=parsed.truncate, dimensions=parsed.dimensions,
+                             cancelled=cancelled)
+
+    def answer(self, parsed, result) -> dict:
+        return embedding_body(result.model, result.vectors, result.prompt_tokens, parsed.base64)
 
 
-class RerankResource:
+class RerankResource(_ServiceRoute):
     """``POST /v1/rerank`` and ``POST /rerank``."""
 
-    def __init__(self, server: DialectServer):
-        self.server = server
+    parse = staticmethod(parse_rerank_request)
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = parse_json(read_body(req, self.server.settings.max_body_bytes))
-        parsed = parse_rerank_request(body)
-        req.context.model = parsed.model
-        result = _service(self.server).rerank(parsed.model, parsed.query, parsed.documents,
-                                              truncate=parsed.truncate, cancelled=_cancelled(req))
-        req.context.model = result.model
-        req.context.usage = (result.prompt_tokens, 0)
-        resp.media = rerank_body(result.model, result.scores, parsed.documents, result.prompt_tokens,
-                                 parsed.top_n, parsed.return_documents)
+    def run(self, service: EmbeddingService, parsed, cancelled):
+        return service.rerank(parsed.model, parsed.query, parsed.documents, truncate=parsed.truncate,
+                              cancelled=cancelled)
 
+    def answer(self, parsed, result) -> dict:
+        return rerank_body(result.model, result.scores, parsed.documents, result.prompt_tokens, parsed.top_n,
+                           parsed.return_documents)
