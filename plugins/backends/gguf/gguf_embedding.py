@@ -22,7 +22,8 @@ from shimmy_core.plugin_api import EmbeddingInput, Embeddings, InputTokens, Mode
 MAX_SEQUENCES = 64        # inputs decoded together (llama.cpp's n_seq_max)
 # Tokens decoded together (at least one whole input).  An encoder's micro-batch attends over all
 # of its tokens, masked per sequence, so its attention grows with the square of this: 512 keeps
-# that under a quarter of MiniLM's work while packing 16 inputs of 32 tokens per decode.
+# that near a fifth of MiniLM's work while packing 16 inputs of 32 tokens per decode (measured
+# on a loaded machine only: docs/performance.md#embeddings).
 MIN_BATCH_TOKENS = 512
 
 
