@@ -15,6 +15,7 @@ from shimmy_core.lifecycle import Lifecycle
 from shimmy_core.metrics import Metrics
 from shimmy_core.http.middleware import build_middleware
 from shimmy_core.catalog import ModelCatalog, ModelManager
+from shimmy_core.embedding_service import EmbeddingService
 from shimmy_core.plugin_manager import ShimmyPluginManager, create_plugin_manager
 from shimmy_core.plugin_registry import Registry, build_registry
 from shimmy_core.response_cache import OFF, ResponseCache
@@ -95,7 +96,8 @@ def create_app(shimmy: Shimmy) -> falcon.App:
     routes.add("/health", HealthResource(shimmy.manager, shimmy.lifecycle), open=True)
     routes.add("/metrics", MetricsResource(shimmy.metrics))
     server = DialectServer(settings, CompletionService(shimmy.catalog, shimmy.manager, settings, shimmy.tools),
-                           shimmy.catalog, shimmy.manager, shimmy.cache, shimmy.lifecycle, shimmy.tools, shimmy.metrics)
+                           shimmy.catalog, shimmy.manager, shimmy.cache, shimmy.lifecycle, shimmy.tools, shimmy.metrics,
+                           EmbeddingService(shimmy.catalog, shimmy.manager, settings, shimmy.lifecycle))
     for dialect in shimmy.registry.dialects.values():
         routes.add_dialect(dialect, server)
     return app

@@ -14,7 +14,8 @@ import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from shimmy_core.contract.generation import BackendUnavailable, InvalidPrompt, LoadedModel, Overloaded
+from shimmy_core.contract.embedding import WrongModelKind
+from shimmy_core.contract.generation import BackendUnavailable, InvalidPrompt, LoadedModel, ModelNotFound, Overloaded
 from shimmy_core.contract.model_info import DEFAULT_PRIORITY, DiscoverySource, ModelInfo, SkippedFile
 from shimmy_core import streams
 
@@ -126,6 +127,16 @@ class ModelCatalog:
 
     def scan_seconds(self) -> float:
         return self._fresh().seconds
+
+    def resolve(self, model_id: str, kind: str) -> ModelInfo:
+        """The model named ``model_id`` (see :meth:`get`), if it is a ``kind`` model; else
+        ``ModelNotFound`` or ``WrongModelKind`` (a chat model asked for embeddings...)."""
+        info = self.get(model_id)
+        if info is None:
+            raise ModelNotFound(model_id)
+        if info.kind != kind:
+            raise WrongModelKind(info.id, info.kind, kind)
+        return info
 
     def get(self, model_id: str) -> ModelInfo | None:
         """Find a model by id, alias (file name, with or without ``.gguf``; ``source:id``), or either

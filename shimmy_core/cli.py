@@ -230,7 +230,7 @@ def _table(rows: list[list[str]]) -> str:
 def model_record(info) -> dict:
     """One ``shimmy list --json`` element."""
     return {
-        "name": info.id, "format": info.format, "architecture": info.architecture, "parameters": info.parameters,
+        "name": info.id, "kind": info.kind, "format": info.format, "architecture": info.architecture, "parameters": info.parameters,
         "quantization": info.quantization, "context": info.context_length, "size": info.size_bytes,
         "source": info.source, "path": info.path, "aliases": list(info.aliases),
     }
@@ -250,8 +250,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps(records, indent=2))
         return 0
     if models:
-        rows = [["NAME", "FORMAT", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "SOURCE"]]
-        rows += [[m.id, m.format, m.architecture or "-", human_count(m.parameters), m.quantization or "-",
+        rows = [["NAME", "KIND", "FORMAT", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "SOURCE"]]
+        rows += [[m.id, m.kind, m.format, m.architecture or "-", human_count(m.parameters), m.quantization or "-",
                   human_context(m.context_length), human_size(m.size_bytes), m.source] for m in models]
         print(_table(rows))
     else:

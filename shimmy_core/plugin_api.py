@@ -21,6 +21,8 @@ from shimmy_core.chat_template import (
 )
 from shimmy_core.choice_text import ChoiceText
 from shimmy_core.contract.dialect import Dialect, HTTPRefusal
+from shimmy_core.contract.embedding import EmbeddingInput, EmbeddingModel, Embeddings, RerankModel, RerankScores
+from shimmy_core.contract.embedding import WrongModelKind
 from shimmy_core.contract.generation import (
     Backend,
     BackendError,
@@ -54,13 +56,19 @@ from shimmy_core.contract.generation import (
 from shimmy_core.contract.hookspecs import PROJECT, hookimpl
 from shimmy_core.contract.model_formats import HeaderCache, ModelFacts, ModelFormat, Recognized, Skip
 from shimmy_core.contract.model_info import (
+    CHAT,
     DEFAULT_PRIORITY,
+    EMBEDDING_KIND,
+    MODEL_KINDS,
+    RERANK,
     DiscoveryResult,
     DiscoverySource,
     ModelInfo,
     SkippedFile,
 )
 from shimmy_core.contract.settings import Settings
+from shimmy_core.embedding_inputs import InputTokens
+from shimmy_core.embedding_service import EmbeddingResult, EmbeddingService, RerankResult
 from shimmy_core.discovery import (
     ADAPTER,
     CORRUPT,
@@ -117,6 +125,10 @@ __all__ = [
     "BackendError", "BackendUnavailable", "ContextLengthExceeded", "InvalidPrompt", "InvalidRequest", "ModelLoadError", "Overloaded",
     "UnsupportedOutputSchema",
     "ModelNotFound", "Settings", "await_slot", "check_room",
+    # embedding and rerank models: what a model is for, what they implement, their results
+    "CHAT", "EMBEDDING_KIND", "RERANK", "MODEL_KINDS", "EmbeddingInput", "EmbeddingModel", "Embeddings",
+    "RerankModel", "RerankScores", "WrongModelKind", "EmbeddingService", "EmbeddingResult", "RerankResult",
+    "InputTokens",
     # API dialects: the neutral request, the generation flow of a route, errors
     "Dialect", "DialectServer", "Generation", "HTTPRefusal", "ParsedRequest", "RequestedTool", "ToolRequest",
     "neutral_error", "read_body",

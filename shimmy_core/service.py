@@ -19,14 +19,13 @@ from shimmy_core.contract.generation import (
     GenerationRequest,
     InvalidRequest,
     LoadedModel,
-    ModelNotFound,
     PreparedPrompt,
     SamplingParams,
     TextDelta,
     Usage,
 )
 from shimmy_core.catalog import ModelCatalog, ModelManager
-from shimmy_core.contract.model_info import ModelInfo
+from shimmy_core.contract.model_info import CHAT, ModelInfo
 from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.contract.settings import Settings
 from shimmy_core.reasoning import ReasoningParser, forced_close, split_reasoning
@@ -136,10 +135,8 @@ class CompletionService:
         self.tools = tools if tools is not None else ToolBox()
 
     def resolve(self, model_id: str) -> ModelInfo:
-        info = self.catalog.get(model_id)
-        if info is None:
-            raise ModelNotFound(model_id)
-        return info
+        """The chat model named ``model_id`` (an embedding or rerank model is a 400)."""
+        return self.catalog.resolve(model_id, CHAT)
 
     def _plan(self, parsed: ParsedRequest) -> ToolPlan | None:
         if parsed.tools is None:

@@ -315,3 +315,35 @@ def sdk_greedy(choice) -> list[tuple[str, dict[str, float]]]:
     """``(token, top logprobs)`` of each generated token of an openai SDK choice or stream."""
     content = choice if isinstance(choice, list) else choice.logprobs.content
     return [(t.token, {c.token: c.logprob for c in t.top_logprobs}) for t in content]
+
+
+# ------------------------------------------------------------------ embedding and rerank test models
+def _embedding_model(build):
+    """A model of tests/embedding_models.py, skipped where its inputs are missing."""
+    from tests import embedding_models
+
+    reason = safetensors_missing() or embedding_models.minilm_missing()
+    if reason:
+        pytest.skip(reason)
+    try:
+        return build(embedding_models, safetensors_cache_root())
+    except subprocess.CalledProcessError as exc:  # pip download of llama-cpp-python's sdist (no network?)
+        pytest.skip(f"llama.cpp's converter is not at hand ({exc}); set SHIMMY_LLAMA_CPP_SDIST to the sdist")
+
+
+def _embedding_fixture(build, doc: str):
+    def fixture() -> Path:
+        return _embedding_model(build)
+
+    fixture.__doc__ = doc
+    return pytest.fixture(scope="session")(fixture)
+
+
+minilm_path = _embedding_fixture(lambda m, root: m.minilm_folder(root),
+                                 "all-MiniLM-L6-v2, a sentence-transformers SafeTensors folder (mean pooling, normalized).")
+minilm_gguf_path = _embedding_fixture(lambda m, root: m.minilm_gguf(root),
+                                      "all-MiniLM-L6-v2 converted to GGUF (f16) by llama.cpp's convert_hf_to_gguf.py.")
+reranker_path = _embedding_fixture(lambda m, root: m.reranker_folder(root),
+                                   "A tiny random BertForSequenceClassification (one label), SafeTensors.")
+reranker_gguf_path = _embedding_fixture(lambda m, root: m.reranker_gguf(root),
+                                        "The tiny reranker converted to GGUF (rank pooling).")

@@ -30,3 +30,34 @@ def test_waiting_ends_when_admitted_cancelled_or_timed_out():
     with pytest.raises(Overloaded) as info:
         await_slot(threading.Event(), lambda: False, lambda: gave_up.append("timed out"), timeout=0.05, poll=0.01)
     assert info.value.timed_out and gave_up == ["cancelled", "timed out"]
+
+
+def test_a_turnstile_lets_one_in_queues_the_next_and_refuses_past_the_queue():
+    from shimmy_core.admission import Turnstile
+
+    gate = Turnstile(1, queue_size=1, timeout=5, poll=0.01)
+    assert gate.enter()
+    entered = threading.Event()
+    waiter = threading.Thread(target=lambda: gate.enter() and entered.set())
+    waiter.start()
+    while gate.stats()["queued"] == 0:
+        pass
+    with pytest.raises(Overloaded):  # one busy, one queued: the queue is full
+        gate.enter()
+    assert not entered.is_set()
+    gate.leave()
+    waiter.join(5)
+    assert entered.is_set() and gate.stats() == {"busy_slots": 1, "queued": 0}
+    gate.leave()
+
+
+def test_a_turnstile_wait_ends_with_the_client_or_the_timeout():
+    from shimmy_core.admission import Turnstile
+
+    gate = Turnstile(1, queue_size=4, timeout=0.05, poll=0.01)
+    assert gate.enter()
+    assert gate.enter(cancelled=lambda: True) is False
+    with pytest.raises(Overloaded) as info:
+        gate.enter()
+    assert info.value.timed_out
+    assert gate.stats() == {"busy_slots": 1, "queued": 0}

@@ -277,6 +277,12 @@ def build_hf_cache(hub: Path, scratch: Path) -> Path:
     hf_model_folder(hub / "models--acme--bert-embed" / "snapshots" / revision,
                     {"architectures": ["BertModel"], "model_type": "bert"},
                     tensors={"embeddings.word_embeddings.weight": ("F32", [64, 16])})
+    dense = hf_model_folder(hub / "models--acme--dense-embed" / "snapshots" / revision,
+                            {"architectures": ["BertModel"], "model_type": "bert"},
+                            tensors={"embeddings.word_embeddings.weight": ("F32", [64, 16])})
+    (dense / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Dense", "type": "sentence_transformers.models.Dense"}]))
     pickle_only = hub / "models--acme--old-pickle" / "snapshots" / revision
     pickle_only.mkdir(parents=True)
     (pickle_only / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
@@ -396,11 +402,16 @@ def test_everything_listed_under_the_names_users_know(catalog):
         "smollm2:135m", "someone/tiny:latest", "hf.co/acme/Tiny-GGUF:Q4_K_M",
         # Hugging Face cache
         "acme/Tiny-GGUF:tiny.Q4_K_M", "acme/Tiny-GGUF:tiny.Q8_0", "acme/Solo-GGUF", "acme/tiny-llama",
+        # embedding models: listed with their kind
+        "bge-small", "acme/bert-embed",
         # LM Studio
         "lmstudio-community/Tiny-Chat-GGUF:Tiny-Chat-Q4_K_M", "lmstudio-community/Tiny-Chat-GGUF:Tiny-Chat-Q6_K",
         "mlx-community/Tiny-4bit",
     ])
     assert {m.source for m in models.values()} == {"dirs", "ollama", "huggingface", "lmstudio"}
+    assert {name for name, m in models.items() if m.kind != "chat"} == {"bge-small", "acme/bert-embed"}
+    assert models["bge-small"].kind == models["acme/bert-embed"].kind == "embedding"
+    assert models["acme/bert-embed"].extra["pooling"] == "mean" and models["acme/bert-embed"].extra["normalize"] is False
 
 
 def test_gguf_metadata_read_from_the_header(catalog, world):
@@ -488,7 +499,6 @@ EXPECTED_SKIPS = {
     "mmproj-tiny-f16.gguf": ("projector", "vision projector"),
     "clip-vit-large.gguf": ("projector", "vision projector (clip)"),
     "whisper-base.gguf": ("speech", "speech model (whisper)"),
-    "bge-small.gguf": ("embedding", "embedding model (bert)"),
     "flux1-schnell-Q4_0.gguf": ("diffusion", "image diffusion model (flux)"),
     "empty.gguf": ("corrupt", "empty file"),
     "truncated.gguf": ("corrupt", "truncated"),
@@ -506,7 +516,7 @@ EXPECTED_SKIPS = {
     "evil:latest": ("corrupt", "bad layer digest"),
     # Hugging Face cache (by repo)
     "acme/custom": ("custom-code", "auto_map"),
-    "acme/bert-embed": ("embedding", "embedding model (bert)"),
+    "acme/dense-embed": ("embedding", "module sentence_transformers.models.Dense is not supported"),
     "acme/old-pickle": ("unsupported-format", "pytorch_model.bin"),
 }
 

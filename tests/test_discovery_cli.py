@@ -77,14 +77,14 @@ def test_add_list_remove_round_trip(tmp_path):
     assert listed.returncode == 0, listed.stderr
     [record] = json.loads(listed.stdout)
     assert record == {
-        "name": "my-tiny", "format": "gguf", "architecture": "llama", "parameters": 256, "quantization": "Q4_K_M",
+        "name": "my-tiny", "kind": "chat", "format": "gguf", "architecture": "llama", "parameters": 256, "quantization": "Q4_K_M",
         "context": 4096, "size": model.stat().st_size, "source": "registered", "path": str(model),
         "aliases": ["my-tiny:tiny.Q4_K_M", "my-tiny:Q4_K_M", "tiny.Q4_K_M.gguf", "tiny.Q4_K_M"],
         "status": "servable",
     }
     table = shimmy(["list", "--no-demo"], env).stdout.splitlines()
-    assert table[0].split() == ["NAME", "FORMAT", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "SOURCE"]
-    assert table[1].split() == ["my-tiny", "gguf", "llama", "256", "Q4_K_M", "4K", "1.5", "KB", "registered"]
+    assert table[0].split() == ["NAME", "KIND", "FORMAT", "ARCH", "PARAMS", "QUANT", "CONTEXT", "SIZE", "SOURCE"]
+    assert table[1].split() == ["my-tiny", "chat", "gguf", "llama", "256", "Q4_K_M", "4K", "1.5", "KB", "registered"]
 
     again = shimmy(["add", str(model)], env)
     assert again.returncode == 1 and "already registered as 'my-tiny'" in again.stderr
@@ -120,9 +120,9 @@ def test_discover_counts_per_source_and_reason(stores):
     result = shimmy(["discover"], cli_env(stores))
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert re.search(r"^Scanned 7 sources in \d+\.\d\d s: 12 model\(s\) listed, \d+ skipped\.$", out, re.M), out
+    assert re.search(r"^Scanned 7 sources in \d+\.\d\d s: 14 model\(s\) listed, \d+ skipped\.$", out, re.M), out
     assert re.search(r"^ollama\s+4\s+3\s+2$", out, re.M), out  # 4 names, 3 models (two tags share one), 2 skipped
-    assert re.search(r"^dirs\s+2\s+2\s+17$", out, re.M), out
+    assert re.search(r"^dirs\s+3\s+3\s+16$", out, re.M), out
     assert re.search(r"^corrupt\s+7\s+", out, re.M), out
     assert re.search(r"^incomplete\s+6\s+", out, re.M), out
 

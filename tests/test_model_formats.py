@@ -202,3 +202,58 @@ def test_scanner_keeps_the_generic_refusals(tmp_path):
     assert {name: skip.category for name, skip in found.items()} == {
         "model.gguf.part": "incomplete", "weights.pth": "unsupported-format"}
     assert stat_key(os.stat(tmp_path / "notes.txt"))[0] == len("not a model")
+
+
+# ------------------------------------------------------------------ what a model is for
+def test_gguf_kind_from_the_header():
+    from shimmy_plugins.backends.gguf.gguf_format import gguf_kind
+    from shimmy_plugins.backends.gguf.gguf_header import GGUFHeader
+
+    def kind(arch, **meta):
+        return gguf_kind(GGUFHeader(3, 1, {"general.architecture": arch, **meta}, 0, 1))
+
+    assert kind("llama") == "chat"
+    assert kind("bert") == kind("nomic-bert") == "embedding"
+    assert kind("qwen3", **{"qwen3.pooling_type": 3}) == "embedding"  # Qwen3-Embedding: a decoder, last-token pooling
+    assert kind("qwen3", **{"qwen3.pooling_type": 4}) == "rerank"
+    assert kind("bert", **{"bert.classifier.output_labels": ["LABEL_0"]}) == "rerank"
+
+
+def test_safetensors_kind_and_sentence_transformers_config(tmp_path):
+    from shimmy_plugins.backends.safetensors.safetensors_format import config_kind, read_sentence_transformers
+
+    assert config_kind({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, set()) == "chat"
+    assert config_kind({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}, {"modules.json"}) == "embedding"
+    assert config_kind({"architectures": ["BertForSequenceClassification"], "id2label": {"0": "LABEL_0"}}, set()) \
+        == "rerank"
+    three = config_kind({"architectures": ["BertForSequenceClassification"], "id2label": {"0": "a", "1": "b", "2": "c"}},
+                        set())
+    assert isinstance(three, Skip) and "3 labels" in three.reason
+
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"path": "", "type": "sentence_transformers.models.Transformer"},
+        {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps({"matryoshka_dimensions": [64, 256]}))
+    names = {p.name for p in tmp_path.iterdir()}
+    st = read_sentence_transformers(tmp_path, names)
+    assert (st.pooling, st.normalize, st.max_seq_length, st.matryoshka_dimensions) == ("cls", True, 128, (256, 64))
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_weightedmean_tokens": True}))
+    skip = read_sentence_transformers(tmp_path, names)
+    assert isinstance(skip, Skip) and "pooling_mode_weightedmean_tokens is not supported" in skip.reason
+    plain = read_sentence_transformers(tmp_path, names - {"modules.json"})
+    assert (plain.pooling, plain.normalize) == ("mean", False)
+
+
+def test_a_gguf_embedding_model_may_declare_matryoshka_sizes(tmp_path):
+    from shimmy_plugins.backends.gguf.gguf_format import _gguf_facts
+    from shimmy_plugins.backends.gguf.gguf_header import GGUFHeader
+
+    header = GGUFHeader(3, 1, {"general.architecture": "nomic-bert", "nomic-bert.pooling_type": 1,
+                               "shimmy.matryoshka_dimensions": [256, 768, 64]}, 0, 1)
+    facts = _gguf_facts(tmp_path / "m.gguf", header, 1, 0, ())
+    assert facts.kind == "embedding"
+    assert facts.extra["matryoshka_dimensions"] == [768, 256, 64] and facts.extra["pooling_type"] == 1

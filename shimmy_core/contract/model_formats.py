@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AbstractSet, Any, Callable, Iterable, Mapping, Protocol, Sequence, TypeVar, runtime_checkable
 
-from shimmy_core.contract.model_info import ModelInfo, SkippedFile
+from shimmy_core.contract.model_info import CHAT, ModelInfo, SkippedFile
 
 T = TypeVar("T")
 
@@ -44,6 +44,7 @@ class ModelFacts:
     quantization: str | None = None
     parameters: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    kind: str = CHAT                 # what the model is for (see shimmy_core.contract.model_info.MODEL_KINDS)
 
     def info(self, model_id: str, source: str, *, aliases: Iterable[str] = (), owned_by: str = "local",
              extra: Mapping[str, Any] | None = None) -> ModelInfo:
@@ -52,7 +53,7 @@ class ModelFacts:
             id=model_id, path=self.path, format=self.format, source=source, created=self.created,
             owned_by=owned_by, size_bytes=self.size_bytes, context_length=self.context_length,
             architecture=self.architecture, quantization=self.quantization, parameters=self.parameters,
-            aliases=names, extra={**self.extra, **(extra or {})},
+            aliases=names, kind=self.kind, extra={**self.extra, **(extra or {})},
         )
 
 

@@ -6,6 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+# What a model is for (``ModelInfo.kind``): a chat model generates text; an embedding model turns
+# texts into vectors (``embed``); a rerank model scores documents against a query (``rerank``).
+CHAT = "chat"
+EMBEDDING_KIND = "embedding"
+RERANK = "rerank"
+MODEL_KINDS = (CHAT, EMBEDDING_KIND, RERANK)
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -23,6 +30,7 @@ class ModelInfo:
     quantization: str | None = None
     parameters: int | None = None
     aliases: tuple[str, ...] = ()        # other names a request may use (file name, ...)
+    kind: str = CHAT                     # what it is for: one of MODEL_KINDS
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 

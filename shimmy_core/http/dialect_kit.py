@@ -27,6 +27,7 @@ from shimmy_core.response_cache import Recorder, ResponseCache, bypass, cache_ke
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from shimmy_core.catalog import ModelCatalog, ModelManager
+    from shimmy_core.embedding_service import EmbeddingService
     from shimmy_core.metrics import Metrics
     from shimmy_core.service import CompletionService
     from shimmy_core.tools.toolbox import ToolBox
@@ -44,6 +45,7 @@ class DialectServer:
     lifecycle: Lifecycle
     tools: "ToolBox"
     metrics: "Metrics | None" = None
+    embeddings: "EmbeddingService | None" = None   # embeddings and reranking (None: not served)
 
 
 def read_body(req: falcon.Request, limit: int) -> bytes:

@@ -1,7 +1,8 @@
 """The GGUF backend: models run in-process through llama.cpp (llama-cpp-python).
 
 llama_cpp is imported only when a GGUF model loads.  One loaded model is
-shared by every request: its engine (``gguf_engine``) batches their sequences.
+shared by every request: its engine (``gguf_engine``) batches their sequences.  Embedding and
+rerank models get a pooling context instead (``gguf_embedding``).
 
 The plugin also registers the GGUF format (:mod:`~shimmy_plugins.backends.gguf.gguf_format`),
 which discovery asks about ``.gguf`` files: disabling the plugin hides both.
@@ -17,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 
 from shimmy_core.plugin_api import (
     BUILTIN_TEMPLATES,
+    CHAT,
     CHATML_FALLBACK,
     ChatTemplate,
     ChoicesModel,
@@ -33,6 +35,7 @@ from shimmy_core.plugin_api import (
     TemplateError,
 )
 from shimmy_plugins.backends.gguf.gbnf import after_reasoning, compile_output
+from shimmy_plugins.backends.gguf.gguf_embedding import GGUFEmbeddingModel, load_embedding_model
 from shimmy_plugins.backends.gguf.gguf_engine import Engine
 from shimmy_plugins.backends.gguf.gguf_format import GGUFFormat
 
@@ -59,7 +62,7 @@ class GGUFBackend:
             return "GGUF models need llama-cpp-python: pip install llama-cpp-python"
         return None
 
-    def load(self, model, settings) -> "GGUFModel":
+    def load(self, model, settings) -> "GGUFModel | GGUFEmbeddingModel":
         import llama_cpp
         from llama_cpp._internals import LlamaContext, LlamaModel
         from llama_cpp._logger import set_verbose
@@ -80,6 +83,8 @@ class GGUFBackend:
             lmodel = LlamaModel(path_model=model.path, params=mparams, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"could not load GGUF model {model.id!r}: {exc}") from exc
+        if model.kind != CHAT:  # an embedding or rerank model: a pooling context, no chat engine
+            return load_embedding_model(model, settings, lmodel, engine_threads)
         per_slot = settings.ctx_size or min(model.context_length or lmodel.n_ctx_train() or 4096, settings.max_ctx)
         slots = max(1, settings.parallel)
         threads, batch_threads = engine_threads(settings.threads)

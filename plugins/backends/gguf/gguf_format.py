@@ -2,8 +2,10 @@
 header only (:mod:`shimmy_plugins.backends.gguf.gguf_header`), and split sets
 (``model-00001-of-00003.gguf``...) described as one model loaded from the first part.
 
-A file that is not a language model (a LoRA adapter, a vision projector, a speech,
-diffusion or embedding model, a vocabulary) is skipped with its reason.  A file named
+A file that is not a language model (a LoRA adapter, a vision projector, a speech or
+diffusion model, a vocabulary) is skipped with its reason.  Encoders (BERT and its family) and
+models whose header declares a pooling type are listed as ``embedding`` models; those with a
+classifier head or rank pooling as ``rerank`` models (:func:`gguf_kind`).  A file named
 explicitly (``--model``, ``shimmy add``, an Ollama blob) is read as GGUF whatever its name,
 as llama.cpp does.
 """
@@ -16,8 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from shimmy_core.plugin_api import ADAPTER, CORRUPT, DIFFUSION, EMBEDDING, INCOMPLETE, NOT_A_MODEL, PROJECTOR, SPEECH
-from shimmy_core.plugin_api import HeaderCache, ModelFacts, Recognized, Skip, stat_key, UNSUPPORTED
+from shimmy_core.plugin_api import ADAPTER, CORRUPT, DIFFUSION, INCOMPLETE, NOT_A_MODEL, PROJECTOR, SPEECH
+from shimmy_core.plugin_api import CHAT, EMBEDDING_KIND, RERANK, HeaderCache, ModelFacts, Recognized, Skip, stat_key
+from shimmy_core.plugin_api import UNSUPPORTED
 from shimmy_plugins.backends.gguf.gguf_header import GGUFError, GGUFHeader, read_gguf_header
 
 NOT_GGUF = "not-gguf"   # skip category: named .gguf, but no GGUF magic
@@ -33,6 +36,9 @@ EMBEDDING_ARCHS = {
     "bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3", "modern-bert", "neo-bert",
     "roberta", "xlm-roberta", "t5encoder", "gemma-embedding",
 }
+# llama.cpp's enum llama_pooling_type, as ``{arch}.pooling_type`` stores it
+POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST, POOLING_RANK = 0, 1, 2, 3, 4
+MATRYOSHKA_KEY = "shimmy.matryoshka_dimensions"  # Shimmy's key: the sizes an embedding model was trained to be cut to
 
 
 class GGUFFormat:
@@ -176,8 +182,6 @@ def classify_gguf(header: GGUFHeader, filename: str, *, split: bool = False) -> 
         return Skip(f"speech model ({arch}), not a language model", SPEECH)
     if arch in DIFFUSION_ARCHS:
         return Skip(f"image diffusion model ({arch}), not a language model", DIFFUSION)
-    if arch in EMBEDDING_ARCHS or arch.endswith("bert"):
-        return Skip(f"embedding model ({arch}): an encoder, listed as an embedding model, not a chat model", EMBEDDING)
     if kind != "model":
         return Skip(f"not a language model (general.type {kind!r})", NOT_A_MODEL)
     if not arch:
@@ -185,6 +189,19 @@ def classify_gguf(header: GGUFHeader, filename: str, *, split: bool = False) -> 
     if header.tensor_count == 0 and not split:
         return Skip("vocabulary only (no tensors)", NOT_A_MODEL)
     return None
+
+
+def gguf_kind(header: GGUFHeader) -> str:
+    """What a servable GGUF model is for: ``rerank`` (rank pooling, or a classifier head's
+    labels), ``embedding`` (an encoder architecture, or a pooling type in the header: Qwen3
+    embedding models are decoders with last-token pooling), else ``chat``."""
+    arch = (header.architecture or "").lower()
+    pooling = header.metadata.get(f"{arch}.pooling_type")
+    if pooling == POOLING_RANK or f"{arch}.classifier.output_labels" in header.metadata:
+        return RERANK
+    if arch in EMBEDDING_ARCHS or arch.endswith("bert") or pooling in (POOLING_MEAN, POOLING_CLS, POOLING_LAST):
+        return EMBEDDING_KIND
+    return CHAT
 
 
 def _read(path: Path, st: os.stat_result) -> GGUFHeader | Skip:
@@ -207,6 +224,12 @@ def _gguf_facts(path: Path, header: GGUFHeader, size: int, created: int, parts: 
     extra: dict[str, Any] = {"has_chat_template": header.has_chat_template, "real_path": os.path.realpath(path)}
     if header.name:
         extra["title"] = header.name
+    kind = gguf_kind(header)
+    if kind != CHAT:
+        extra["pooling_type"] = header.metadata.get(f"{(header.architecture or '').lower()}.pooling_type")
+        dims = header.metadata.get(MATRYOSHKA_KEY)
+        if isinstance(dims, list) and dims and all(isinstance(d, int) and d > 0 for d in dims):
+            extra["matryoshka_dimensions"] = sorted(set(dims), reverse=True)
     if parts:
         extra["parts"] = parts
     return ModelFacts(
@@ -219,4 +242,5 @@ def _gguf_facts(path: Path, header: GGUFHeader, size: int, created: int, parts: 
         quantization=header.file_type_label,
         parameters=header.parameter_count or parse_size_label(header.size_label),
         extra=extra,
+        kind=kind,
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from shimmy_core.plugin_api import hookimpl, ModelLoadError
+from shimmy_core.plugin_api import CHAT, hookimpl, ModelLoadError
 from shimmy_plugins.backends.safetensors.safetensors_format import SafeTensorsFormat
 
 PIP_FIX = "pip install 'shimmy-server[safetensors]'"
@@ -74,6 +74,10 @@ class SafeTensorsBackend:
 
     def load(self, model, settings):
         check_folder(model.path)
+        if model.kind != CHAT:  # an encoder or a cross-encoder
+            from shimmy_plugins.backends.safetensors.safetensors_embedding import load_embedding_model
+
+            return load_embedding_model(model, settings)
         from shimmy_plugins.backends.safetensors.safetensors_model import load
 
         return load(model, settings)

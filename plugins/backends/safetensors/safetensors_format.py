@@ -4,8 +4,10 @@ described from ``config.json`` and the weights' JSON headers only
 (:mod:`shimmy_plugins.backends.safetensors.safetensors_header`).
 
 A folder that is not a servable language model (an adapter, a diffusers pipeline, a
-speech, embedding or vision model, one that needs its own Python code, pickle weights
-only) is skipped with its reason; a ``.safetensors`` file outside a model folder is
+speech or vision model, one that needs its own Python code, pickle weights
+only) is skipped with its reason; encoders and sentence-transformers folders are listed as
+``embedding`` models (their pooling read from ``modules.json``, :func:`read_sentence_transformers`)
+and cross-encoders (``*ForSequenceClassification`` with one label) as ``rerank`` models; a ``.safetensors`` file outside a model folder is
 skipped with a guess at what it is.
 """
 
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import AbstractSet, Any, Iterable, Mapping, Sequence
 
 from shimmy_core.plugin_api import ADAPTER, CORRUPT, DIFFUSION, EMBEDDING, INCOMPLETE, NOT_A_MODEL, SPEECH, VISION
+from shimmy_core.plugin_api import CHAT, EMBEDDING_KIND, RERANK
 from shimmy_core.plugin_api import HeaderCache, ModelFacts, oserror_skip, PICKLE_REFUSAL, read_json, Recognized
 from shimmy_core.plugin_api import Skip, stat_key, UNSUPPORTED
 from shimmy_plugins.backends.safetensors.safetensors_header import (
@@ -35,6 +39,11 @@ SEQ2SEQ_MODEL_TYPES = {"t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tiktoken.model")
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx", "max_sequence_length")
 LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+ST_MODULES = "sentence_transformers.models."
+POOLING_MODES = {  # sentence-transformers' 1_Pooling/config.json flags -> the pooling Shimmy runs
+    "pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+    "pooling_mode_lasttoken": "last",
+}
 
 
 class SafeTensorsFormat:
@@ -83,7 +92,21 @@ class SafeTensorsFormat:
             return shards
         if not any(t in names for t in TOKENIZER_FILES):
             return Skip("no tokenizer files (tokenizer.json, tokenizer.model...) next to the weights", INCOMPLETE)
-        return _folder_facts(directory, config, shards, headers)
+        kind = config_kind(config, names)
+        if kind == EMBEDDING_KIND:
+            st = _cached_sentence_transformers(directory, names, headers)
+            if isinstance(st, Skip):
+                return st
+            facts = _folder_facts(directory, config, shards, headers)
+            if isinstance(facts, ModelFacts):
+                extra = {**facts.extra, "pooling": st.pooling, "normalize": st.normalize}
+                if st.matryoshka_dimensions:
+                    extra["matryoshka_dimensions"] = list(st.matryoshka_dimensions)
+                facts = replace(facts, kind=kind, extra=extra,
+                                context_length=min(filter(None, (st.max_seq_length, facts.context_length)), default=None))
+            return facts
+        facts = _folder_facts(directory, config, shards, headers)
+        return replace(facts, kind=kind) if isinstance(facts, ModelFacts) else facts
 
     def loose(self, path: Path, headers: HeaderCache) -> Skip:
         """A ``.safetensors`` file outside a model folder: say what it most likely is."""
@@ -119,9 +142,9 @@ def classify_config(config: Mapping[str, Any], names: AbstractSet[str]) -> Skip 
         return Skip(f"speech model ({model_type or archs[0]}), not a language model", SPEECH)
     if "_class_name" in config or "diffusion" in joined:
         return Skip(f"image diffusion model ({config.get('_class_name') or model_type})", DIFFUSION)
-    if model_type in EMBEDDING_MODEL_TYPES or "modules.json" in names or "sentence_bert_config.json" in names:
-        return Skip(f"embedding model ({model_type or 'sentence-transformers'}): an encoder, "
-                    "listed as an embedding model, not a chat model", EMBEDDING)
+    kind = config_kind(config, names)
+    if isinstance(kind, Skip) or kind != CHAT:
+        return kind if isinstance(kind, Skip) else None
     if model_type in VISION_MODEL_TYPES:
         return Skip(f"vision encoder ({model_type}), not a language model", VISION)
     if model_type in SEQ2SEQ_MODEL_TYPES:
@@ -131,6 +154,89 @@ def classify_config(config: Mapping[str, Any], names: AbstractSet[str]) -> Skip 
     if not any(a.endswith(LM_HEADS) for a in archs):
         return Skip(f"not a language model (architectures {', '.join(archs)})", NOT_A_MODEL)
     return None
+
+
+def config_kind(config: Mapping[str, Any], names: AbstractSet[str]) -> str | Skip:
+    """What a model folder is for: ``rerank`` (a cross-encoder: ``*ForSequenceClassification``
+    with one label), ``embedding`` (an encoder, or a sentence-transformers folder), else ``chat``;
+    a classifier with several labels is not served."""
+    model_type = str(config.get("model_type") or "").lower()
+    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        labels = config.get("id2label")
+        count = len(labels) if isinstance(labels, dict) else config.get("num_labels", 2)
+        if count != 1:
+            return Skip(f"text classifier ({archs[0]}, {count} labels), not a reranker or a chat model", NOT_A_MODEL)
+        return RERANK
+    if model_type in EMBEDDING_MODEL_TYPES or "modules.json" in names or "sentence_bert_config.json" in names:
+        return EMBEDDING_KIND
+    return CHAT
+
+
+@dataclass(frozen=True)
+class SentenceTransformersConfig:
+    """What a sentence-transformers folder declares (``modules.json``, ``1_Pooling/config.json``,
+    ``sentence_bert_config.json``, ``config_sentence_transformers.json``); a plain encoder folder
+    gets mean pooling without normalization."""
+
+    pooling: str = "mean"                     # mean, cls, max or last
+    normalize: bool = False                   # a Normalize module: unit-length vectors
+    max_seq_length: int | None = None         # the longest input it was trained on
+    matryoshka_dimensions: tuple[int, ...] = ()   # Shimmy's key in config_sentence_transformers.json
+
+
+def read_sentence_transformers(directory: Path, names: AbstractSet[str]) -> SentenceTransformersConfig | Skip:
+    """The pooling, normalization and input length a folder's sentence-transformers files declare,
+    or the Skip saying which module Shimmy cannot run (a Dense layer...)."""
+    if "modules.json" not in names:
+        return SentenceTransformersConfig()
+    try:
+        modules = read_json(directory / "modules.json")
+        pooling, normalize = "mean", False
+        if not isinstance(modules, list):
+            return Skip("modules.json is not a list of modules", CORRUPT)
+        for module in modules:
+            kind = str(module.get("type", "")) if isinstance(module, dict) else ""
+            if kind == ST_MODULES + "Transformer" and module.get("path", "") in ("", "."):
+                continue
+            if kind == ST_MODULES + "Normalize":
+                normalize = True
+            elif kind == ST_MODULES + "Pooling":
+                sub = str(module.get("path") or "")
+                doc = read_json(directory / sub / "config.json") if sub and "/" not in sub and ".." not in sub else {}
+                modes = [mode for flag, mode in POOLING_MODES.items() if isinstance(doc, dict) and doc.get(flag)]
+                if len(modes) != 1:
+                    on = [k for k, v in doc.items() if k.startswith("pooling_mode") and v] if isinstance(doc, dict) else []
+                    return Skip(f"sentence-transformers pooling {', '.join(on) or 'none'} is not supported "
+                                f"(Shimmy pools by one of mean, cls, max, lasttoken)", UNSUPPORTED)
+                pooling = modes[0]
+            else:
+                return Skip(f"sentence-transformers module {kind or repr(module)} is not supported "
+                            "(Shimmy runs Transformer, Pooling and Normalize)", EMBEDDING)
+        bert = read_json(directory / "sentence_bert_config.json") if "sentence_bert_config.json" in names else {}
+        extra = read_json(directory / "config_sentence_transformers.json") \
+            if "config_sentence_transformers.json" in names else {}
+    except ValueError as exc:
+        return Skip(f"unreadable sentence-transformers config: {exc}", CORRUPT)
+    except OSError as exc:
+        return oserror_skip(exc)
+    length = _int_or_none(bert.get("max_seq_length")) if isinstance(bert, dict) else None
+    dims = extra.get("matryoshka_dimensions") if isinstance(extra, dict) else None
+    matryoshka = tuple(sorted({d for d in dims if _int_or_none(d)}, reverse=True)) if isinstance(dims, list) else ()
+    return SentenceTransformersConfig(pooling, normalize, length, matryoshka)
+
+
+def _cached_sentence_transformers(directory: Path, names: AbstractSet[str],
+                                  headers: HeaderCache) -> SentenceTransformersConfig | Skip:
+    """:func:`read_sentence_transformers`, read again only when ``modules.json`` changes."""
+    if "modules.json" not in names:
+        return SentenceTransformersConfig()
+    try:
+        key = stat_key(os.stat(directory / "modules.json"))
+    except OSError as exc:
+        return oserror_skip(exc)
+    return headers.cached("sentence-transformers", directory / "modules.json", key,
+                          lambda: read_sentence_transformers(directory, names))
 
 
 def classify_loose_safetensors(path: Path, header: SafeTensorsHeader | None) -> Skip:

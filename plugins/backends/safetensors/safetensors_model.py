@@ -163,12 +163,21 @@ def _read_json(path: Path) -> dict:
 
 
 def load(info, settings) -> "SafeTensorsModel":
+    folder = Path(info.path)
+    generation = _read_json(folder / "generation_config.json")
+    tokenizer, model, device, config = load_pretrained(info, settings, "AutoModelForCausalLM")
+    return SafeTensorsModel(info, model, tokenizer, device, settings, config=config, generation=generation)
+
+
+def load_pretrained(info, settings, auto_class: str) -> tuple[Any, Any, torch.device, dict]:
+    """``(tokenizer, model, device, config)`` of a model folder, the model loaded with the
+    transformers class ``auto_class`` (``AutoModelForCausalLM``, ``AutoModel``...) on the device
+    and dtype the settings pick, SafeTensors weights only, no custom code, no network."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = Path(info.path)
     config = _read_json(folder / "config.json")
-    generation = _read_json(folder / "generation_config.json")
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device, config)
     shards = info.extra.get("shards") if isinstance(info.extra, dict) else None
@@ -185,11 +194,11 @@ def load(info, settings) -> "SafeTensorsModel":
             placed = device.type != "cpu" and importlib.util.find_spec("accelerate") is not None
             if placed:
                 kwargs["device_map"] = {"": str(device)}
-            model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+            model = getattr(transformers, auto_class).from_pretrained(str(folder), **kwargs)
             if not placed:
                 model = model.to(device)
             model.eval()
-            return SafeTensorsModel(info, model, tokenizer, device, settings, config=config, generation=generation)
+            return tokenizer, model, device, config
     except (BackendUnavailable, ModelLoadError):
         raise
     except Exception as exc:  # transformers raises many kinds (OSError, ValueError, ImportError...)

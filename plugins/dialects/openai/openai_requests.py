@@ -214,9 +214,51 @@ COMPLETION_SCHEMA = {
     },
 }
 
+MAX_EMBEDDING_INPUTS = 2048   # OpenAI's limit on the inputs of one request
+_TOKEN_ID = {"type": "integer", "minimum": 0, "maximum": _INT32}
+EMBEDDING_SCHEMA = {
+    "type": "object",
+    "required": ["model", "input"],
+    "properties": {
+        "model": _COMMON["model"],
+        "input": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS, "items": {"type": "string"}},
+                {"type": "array", "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS, "items": _TOKEN_ID},
+                {"type": "array", "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS,
+                 "items": {"type": "array", "minItems": 1, "items": _TOKEN_ID}},
+            ]
+        },
+        "encoding_format": {"enum": [None, "float", "base64"]},
+        "dimensions": {"type": ["integer", "null"], "minimum": 1, "maximum": _INT32},
+        "user": {"type": ["string", "null"]},
+        "truncate": {"type": ["boolean", "null"]},  # Shimmy's extension: cut inputs over the model's context
+    },
+}
+
+RERANK_SCHEMA = {
+    "type": "object",
+    "required": ["model", "query", "documents"],
+    "properties": {
+        "model": _COMMON["model"],
+        "query": {"type": "string", "minLength": 1},
+        "documents": {
+            "type": "array", "minItems": 1, "maxItems": MAX_EMBEDDING_INPUTS,
+            "items": {"anyOf": [{"type": "string"},
+                                {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}]},
+        },
+        "top_n": {"type": ["integer", "null"], "minimum": 1, "maximum": _INT32},
+        "return_documents": {"type": ["boolean", "null"]},
+        "truncate": {"type": ["boolean", "null"]},
+    },
+}
+
 _VALIDATORS = {
     "chat": Draft202012Validator(CHAT_SCHEMA),
     "completion": Draft202012Validator(COMPLETION_SCHEMA),
+    "embedding": Draft202012Validator(EMBEDDING_SCHEMA),
+    "rerank": Draft202012Validator(RERANK_SCHEMA),
 }
 
 
@@ -512,6 +554,55 @@ def _tool_request(body: dict) -> ToolRequest:
     schema = answer_schema(response_format["type"], (spec or {}).get("schema"), "response_format.json_schema.schema")
     parallel = body.get("parallel_tool_calls")
     return ToolRequest(tuple(requested), choice, function, allowed, parallel, schema)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingRequest:
+    """A valid ``POST /v1/embeddings`` body."""
+
+    model: str
+    inputs: list                     # texts, or lists of token ids
+    base64: bool = False
+    dimensions: int | None = None
+    truncate: bool = False
+
+
+def parse_embedding_request(body: dict) -> EmbeddingRequest:
+    """Validate an embeddings body: ``input`` as a string, strings, token ids or lists of them."""
+    validate_body(_VALIDATORS["embedding"], body)
+    raw = body["input"]
+    if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+        raw = [raw]
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            if not item:
+                param = "input" if isinstance(body["input"], str) else f"input[{i}]"
+                raise invalid(f"Invalid value for '{param}': an input must not be an empty string.", param=param,
+                              code="invalid_value")
+            check_text(item, "input")
+    return EmbeddingRequest(body["model"], list(raw), body.get("encoding_format") == "base64",
+                            body.get("dimensions"), bool(body.get("truncate")))
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankRequest:
+    """A valid ``POST /v1/rerank`` body (llama-server's, Jina's and Cohere's shape)."""
+
+    model: str
+    query: str
+    documents: list[str]
+    top_n: int | None = None
+    return_documents: bool = False
+    truncate: bool = False
+
+
+def parse_rerank_request(body: dict) -> RerankRequest:
+    validate_body(_VALIDATORS["rerank"], body)
+    documents = [d if isinstance(d, str) else d["text"] for d in body["documents"]]
+    for text in [body["query"], *documents]:
+        check_text(text, "documents")
+    return RerankRequest(body["model"], body["query"], documents, body.get("top_n"),
+                         bool(body.get("return_documents")), bool(body.get("truncate")))
 
 
 def unsupported_schema(exc: UnsupportedOutputSchema, body: dict) -> APIError:

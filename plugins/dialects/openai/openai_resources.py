@@ -22,6 +22,7 @@ def model_object(info: ModelInfo, unavailable: str | None = None) -> dict:
     body.update(
         {
             "context_window": info.context_length,
+            "kind": info.kind,
             "format": info.format,
             "architecture": info.architecture,
             "quantization": info.quantization,
