@@ -136,7 +136,7 @@ class CompletionService:
         self.tools = tools if tools is not None else ToolBox()
 
     def resolve(self, model_id: str) -> ModelInfo:
-        info = self.catalog.get(model_id)
+        info = self.catalog.resolve(model_id)
         if info is None:
             raise ModelNotFound(model_id)
         return info
