@@ -86,6 +86,7 @@ from shimmy_core.discovery import (
 from shimmy_core.formatting import human_size
 from shimmy_core.http.dialect_kit import DialectServer, Generation, read_body
 from shimmy_core.http.errors import neutral_error
+from shimmy_core.http.request_checks import check_body, check_strings, check_text, parse_json
 from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.prompt_builder import PromptBuilder
 from shimmy_core.registered_models import RegistryError, load_entries, registry_path
@@ -119,7 +120,7 @@ __all__ = [
     "ModelNotFound", "Settings", "await_slot", "check_room",
     # API dialects: the neutral request, the generation flow of a route, errors
     "Dialect", "DialectServer", "Generation", "HTTPRefusal", "ParsedRequest", "RequestedTool", "ToolRequest",
-    "neutral_error", "read_body",
+    "neutral_error", "read_body", "parse_json", "check_body", "check_text", "check_strings",
     # prompts
     "BUILTIN_TEMPLATES", "CHATML_FALLBACK", "ChatTemplate", "TemplateError", "template_stop_strings",
     "PromptBuilder", "StopScanner", "ChoiceText", "template_supports_tools", "human_size",

@@ -6,17 +6,18 @@ Every client mistake becomes a 400 with ``param`` naming the offending field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
-import jsonschema
 from jsonschema import Draft202012Validator
 
 from shimmy_core.plugin_api import (
+    check_body,
     check_schema,
+    check_strings,
+    check_text,
     GenerationRequest,
-    json_path,
     OutputFormat,
+    parse_json,
     ParsedRequest,
     ReasoningOptions,
     RequestedTool,
@@ -27,7 +28,6 @@ from shimmy_core.plugin_api import (
 )
 from shimmy_plugins.dialects.openai.openai_errors import APIError, invalid
 
-MAX_DEPTH = 64
 MAX_STOP = 16
 _INT32 = 2**31 - 1
 
@@ -220,98 +220,8 @@ _VALIDATORS = {
 }
 
 
-def _reject_constant(name: str):
-    raise APIError(400, f"Invalid JSON number {name}: NaN and Infinity are not allowed.", code="invalid_json")
-
-
-def parse_json(raw: bytes) -> dict:
-    """Decode a request body; malformed, non-object or too deeply nested JSON is a 400."""
-    if not raw:
-        raise invalid("The request body is empty; send a JSON object.", code="invalid_json")
-    try:
-        text = raw.decode("utf-8")
-        body = json.loads(text, parse_constant=_reject_constant)
-    except APIError:
-        raise
-    except RecursionError:
-        raise invalid("The JSON body is nested too deeply.", code="invalid_json") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise invalid(f"The body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise invalid("The JSON body must be an object.", code="invalid_json")
-    _check_depth(body)
-    return body
-
-
-def _check_depth(value: object) -> None:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise invalid(f"The JSON body is nested deeper than {MAX_DEPTH} levels.", code="invalid_json")
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-
-
-def _param_name(error: jsonschema.ValidationError) -> str | None:
-    path = list(error.absolute_path)
-    if error.validator == "required":
-        missing = error.message.split("'")[1] if "'" in error.message else None
-        path = path + ([missing] if missing else [])
-    if error.validator in ("propertyNames", "additionalProperties") and not path:
-        return None
-    return json_path(path) or None
-
-
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _describe(error: jsonschema.ValidationError, param: str | None) -> str:
-    where = f"'{param}'" if param else "the request"
-    if error.validator == "required":
-        return f"Missing required parameter: {where}."
-    if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        return f"Invalid value for {where}: {_short(repr(error.instance))} is out of range."
-    if error.validator in ("type", "anyOf", "enum"):
-        return f"Invalid type or value for {where}: {_short(error.message)}."
-    return f"Invalid value for {where}: {_short(error.message)}."
-
-
 def _validate(kind: str, body: dict) -> None:
-    validator = _VALIDATORS[kind]
-    error = jsonschema.exceptions.best_match(validator.iter_errors(body))
-    if error is not None:
-        param = _param_name(error)
-        raise invalid(_describe(error, param), param=param, code="invalid_value" if param else None)
-
-
-def _check_text(value: str, param: str) -> str:
-    if "\x00" in value:
-        raise invalid(f"Invalid value for '{param}': text must not contain NUL characters.", param=param)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid(
-            f"Invalid value for '{param}': text contains a lone surrogate (invalid Unicode).", param=param
-        ) from None
-    return value
-
-
-def _check_strings(value: object, param: str) -> None:
-    """Check every string inside a JSON value (already depth-limited)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            _check_text(item, param)
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+    check_body(_VALIDATORS[kind], body)
 
 
 def _message_text(message: dict, index: int) -> str | None:
@@ -322,7 +232,7 @@ def _message_text(message: dict, index: int) -> str | None:
             raise invalid(f"Missing content for a {message['role']} message.", param=param)
         return None
     if isinstance(content, str):
-        return _check_text(content, param)
+        return check_text(content, param)
     texts = []
     for j, part in enumerate(content):
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -330,7 +240,7 @@ def _message_text(message: dict, index: int) -> str | None:
                 f"Unsupported content part type {part.get('type')!r}: this server accepts text parts only.",
                 param=f"{param}[{j}]",
             )
-        texts.append(_check_text(part["text"], f"{param}[{j}].text"))
+        texts.append(check_text(part["text"], f"{param}[{j}].text"))
     return "".join(texts)
 
 
@@ -362,7 +272,7 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
 
     stop = body.get("stop")
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    stops = tuple(_check_text(s, "stop") for s in stops if s)
+    stops = tuple(check_text(s, "stop") for s in stops if s)
 
     if kind == "chat":
         logprobs = bool(body.get("logprobs") or False)
@@ -403,9 +313,9 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
             item = {"role": role, "content": "" if text is None and not message.get("tool_calls") else text}
             for key in ("name", "tool_call_id", "reasoning_content"):
                 if message.get(key) is not None:
-                    item[key] = _check_text(message[key], f"messages[{i}].{key}")
+                    item[key] = check_text(message[key], f"messages[{i}].{key}")
             if message.get("tool_calls"):
-                _check_strings(message["tool_calls"], f"messages[{i}].tool_calls")
+                check_strings(message["tool_calls"], f"messages[{i}].tool_calls")
                 item["tool_calls"] = message["tool_calls"]
             messages.append(item)
         reasoning = None
@@ -419,7 +329,7 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
         raw = body["prompt"]
         texts = [raw] if isinstance(raw, str) else raw
         prompts = tuple(
-            GenerationRequest(prompt=_check_text(t, "prompt"), params=params) for t in texts
+            GenerationRequest(prompt=check_text(t, "prompt"), params=params) for t in texts
         )
     return ParsedRequest(
         kind=kind,
@@ -453,7 +363,7 @@ def _tool_request(body: dict) -> ToolRequest:
             _user_schema(parameters, f"tools[{i}].function.parameters")
         description = function.get("description")
         if description is not None:
-            _check_text(description, f"tools[{i}].function.description")
+            check_text(description, f"tools[{i}].function.description")
         if any(t.name == function["name"] for t in requested):
             raise invalid(f"Duplicate function name {function['name']!r} in 'tools'.", param=f"tools[{i}].function.name")
         requested.append(RequestedTool(function["name"], description, parameters, i))
