@@ -91,6 +91,7 @@ from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.prompt_builder import PromptBuilder
 from shimmy_core.registered_models import RegistryError, load_entries, registry_path
 from shimmy_core.stops import StopScanner
+from shimmy_core.streams import with_heartbeat
 from shimmy_core.tools.calculator import evaluate, format_number
 from shimmy_core.tools.files import FileReader
 from shimmy_core.tools.http_client import HttpPolicy, RequestRefused, fetch
@@ -120,7 +121,7 @@ __all__ = [
     "ModelNotFound", "Settings", "await_slot", "check_room",
     # API dialects: the neutral request, the generation flow of a route, errors
     "Dialect", "DialectServer", "Generation", "HTTPRefusal", "ParsedRequest", "RequestedTool", "ToolRequest",
-    "neutral_error", "read_body", "parse_json", "check_body", "check_text", "check_strings",
+    "neutral_error", "read_body", "with_heartbeat", "parse_json", "check_body", "check_text", "check_strings",
     # prompts
     "BUILTIN_TEMPLATES", "CHATML_FALLBACK", "ChatTemplate", "TemplateError", "template_stop_strings",
     "PromptBuilder", "StopScanner", "ChoiceText", "template_supports_tools", "human_size",

@@ -150,6 +150,23 @@ class CompletionService:
             raise InvalidRequest(str(exc), param=exc.param, code=exc.code) from None
         return plan if plan.active else None
 
+    def _requests(self, parsed: ParsedRequest, plan: ToolPlan | None, native: bool) -> list[GenerationRequest]:
+        """The requests the model is given first: the tools (and earlier calls) in the prompt."""
+        requests: list[GenerationRequest] = list(parsed.prompts)
+        if plan is not None:
+            return [plan.step_request(r, list(r.messages or ()), plan.first_choice, native, text_tools=True)
+                    for r in requests]
+        if not native:  # earlier calls and results, written as text for a template without tools
+            return [dataclasses.replace(r, messages=tuple(tool_prompts.generic_messages(r.messages, None)))
+                    if r.messages and tool_prompts.needs_rewrite(r.messages) else r for r in requests]
+        return requests
+
+    def count_tokens(self, parsed: ParsedRequest) -> int:
+        """The prompt tokens a request would give the model (its tools included), without running it."""
+        model = self.manager.get(self.resolve(parsed.model))
+        requests = self._requests(parsed, self._plan(parsed), bool(getattr(model, "renders_tools", False)))
+        return sum(len(model.prepare(request).tokens) for request in requests)
+
     def start(self, parsed: ParsedRequest, disconnected: Callable[[], bool] = lambda: False,
               info: ModelInfo | None = None) -> Run:
         """Start a run; ``info`` is the model when the caller has resolved it already."""
@@ -157,13 +174,7 @@ class CompletionService:
         model = self.manager.get(info)
         plan = self._plan(parsed)
         native = bool(getattr(model, "renders_tools", False))
-        requests: list[GenerationRequest] = list(parsed.prompts)
-        if plan is not None:
-            requests = [plan.step_request(r, list(r.messages or ()), plan.first_choice, native, text_tools=True)
-                        for r in requests]
-        elif not native:  # earlier calls and results, written as text for a template without tools
-            requests = [dataclasses.replace(r, messages=tuple(tool_prompts.generic_messages(r.messages, None)))
-                        if r.messages and tool_prompts.needs_rewrite(r.messages) else r for r in requests]
+        requests = self._requests(parsed, plan, native)
         prepared = [model.prepare(request) for request in requests]
         deadline = time.monotonic() + self.settings.request_timeout
 
