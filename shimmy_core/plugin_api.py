@@ -84,7 +84,7 @@ from shimmy_core.discovery import (
     stat_key,
 )
 from shimmy_core.formatting import human_size
-from shimmy_core.http.dialect_kit import DialectServer, Generation, read_body
+from shimmy_core.http.dialect_kit import DialectServer, Generation, read_body, send_stream
 from shimmy_core.http.errors import neutral_error
 from shimmy_core.http.request_checks import check_body, check_strings, check_text, parse_json
 from shimmy_core.parsed_request import ParsedRequest
@@ -121,7 +121,7 @@ __all__ = [
     "ModelNotFound", "Settings", "await_slot", "check_room",
     # API dialects: the neutral request, the generation flow of a route, errors
     "Dialect", "DialectServer", "Generation", "HTTPRefusal", "ParsedRequest", "RequestedTool", "ToolRequest",
-    "neutral_error", "read_body", "with_heartbeat", "parse_json", "check_body", "check_text", "check_strings",
+    "neutral_error", "read_body", "send_stream", "with_heartbeat", "parse_json", "check_body", "check_text", "check_strings",
     # prompts
     "BUILTIN_TEMPLATES", "CHATML_FALLBACK", "ChatTemplate", "TemplateError", "template_stop_strings",
     "PromptBuilder", "StopScanner", "ChoiceText", "template_supports_tools", "human_size",

@@ -6,16 +6,8 @@ from __future__ import annotations
 
 import math
 
-from shimmy_core.plugin_api import (
-    BackendUnavailable,
-    ContextLengthExceeded,
-    HTTPRefusal,
-    InvalidRequest,
-    ModelLoadError,
-    ModelNotFound,
-    neutral_error,
-    Overloaded,
-)
+from shimmy_core.plugin_api import BackendUnavailable, ContextLengthExceeded, HTTPRefusal, InvalidRequest
+from shimmy_core.plugin_api import ModelLoadError, ModelNotFound, neutral_error, Overloaded
 
 OVERLOADED = 529
 _STATUS_TYPE = {

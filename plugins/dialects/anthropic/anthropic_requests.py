@@ -14,20 +14,9 @@ import json
 
 from jsonschema import Draft202012Validator
 
-from shimmy_core.plugin_api import (
-    check_body,
-    check_schema,
-    check_strings,
-    check_text,
-    GenerationRequest,
-    InvalidRequest,
-    ParsedRequest,
-    ReasoningOptions,
-    RequestedTool,
-    SamplingParams,
-    SchemaProblem,
-    ToolRequest,
-)
+from shimmy_core.plugin_api import check_body, check_schema, check_strings, check_text, GenerationRequest
+from shimmy_core.plugin_api import InvalidRequest, ParsedRequest, ReasoningOptions, RequestedTool, SamplingParams
+from shimmy_core.plugin_api import SchemaProblem, ToolRequest
 
 MAX_TOOLS = 128
 MAX_STOP_SEQUENCES = 64

@@ -7,7 +7,7 @@ import contextlib
 
 import falcon
 
-from shimmy_core.plugin_api import DialectServer, Generation, parse_json, read_body
+from shimmy_core.plugin_api import DialectServer, Generation, parse_json, read_body, send_stream
 from shimmy_plugins.dialects.anthropic.anthropic_errors import invalid
 from shimmy_plugins.dialects.anthropic.anthropic_messages import MessageBuilder
 from shimmy_plugins.dialects.anthropic.anthropic_requests import parse_request
@@ -40,10 +40,7 @@ class MessagesResource:
             with contextlib.closing(events):
                 resp.media = collect(builder, events)
             return
-        resp.content_type = "text/event-stream"
-        resp.set_header("Cache-Control", "no-cache")
-        resp.set_header("X-Accel-Buffering", "no")
-        resp.stream = stream(builder, events)
+        send_stream(resp, stream(builder, events))
 
 
 class CountTokensResource:
