@@ -74,9 +74,10 @@ def select_cache(settings: Settings, registry: Registry) -> tuple[ResponseCache,
 def build(settings: Settings, pm: ShimmyPluginManager | None = None) -> Shimmy:
     pm = pm or create_plugin_manager(settings.disable_plugins)
     registry = build_registry(pm, settings)
-    catalog = ModelCatalog(registry.sources.values())
+    catalog = ModelCatalog(registry.sources.values(), aliases=settings.aliases())
     catalog.refresh()
     cache, notes = select_cache(settings, registry)
+    notes += catalog.alias_notes()
     lifecycle = Lifecycle(settings.shutdown_grace)
     manager = ModelManager(pm, registry, settings, lifecycle)
     tools = ToolBox.build(registry.tools, registry.owners, settings)  # a ToolConfigError stops the start

@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from shimmy_core.contract.embedding import WrongModelKind
 from shimmy_core.contract.generation import BackendUnavailable, InvalidPrompt, LoadedModel, ModelNotFound, Overloaded
@@ -56,8 +56,11 @@ class ModelCatalog:
     server sees models added or removed.
     """
 
-    def __init__(self, sources: Iterable[DiscoverySource], refresh_interval: float = 2.0):
+    def __init__(self, sources: Iterable[DiscoverySource], refresh_interval: float = 2.0,
+                 aliases: Mapping[str, str] | None = None):
         self._sources = sorted(sources, key=lambda s: getattr(s, "priority", DEFAULT_PRIORITY))
+        self._aliases = dict(aliases or {})    # --model-alias: requested name -> model name ("*": any other)
+        self._folded_aliases = {k.casefold(): v for k, v in self._aliases.items()}
         self._refresh_lock = threading.Lock()
         self._snap = _EMPTY
         self._refresh_interval = refresh_interval
@@ -129,9 +132,10 @@ class ModelCatalog:
         return self._fresh().seconds
 
     def resolve(self, model_id: str, kind: str) -> ModelInfo:
-        """The model named ``model_id`` (see :meth:`get`), if it is a ``kind`` model; else
-        ``ModelNotFound`` or ``WrongModelKind`` (a chat model asked for embeddings...)."""
-        info = self.get(model_id)
+        """The model a request naming ``model_id`` gets (see :meth:`lookup`: ids, file names,
+        ``--model-alias``), if it is a ``kind`` model; else ``ModelNotFound`` or ``WrongModelKind``
+        (a chat model asked for embeddings...)."""
+        info = self.lookup(model_id)
         if info is None:
             raise ModelNotFound(model_id)
         if info.kind != kind:
@@ -146,6 +150,22 @@ class ModelCatalog:
             return snap.models[model_id]
         target = snap.aliases.get(model_id) or snap.folded.get(model_id.casefold())
         return snap.models.get(target) if target else None
+
+    def lookup(self, name: str) -> ModelInfo | None:
+        """The model a request naming ``name`` gets: the model of that name (:meth:`get`), else the
+        model an operator's ``--model-alias`` maps it to (``NAME=MODEL``, the name in any case),
+        else the model of the ``*`` alias.  An alias never hides a model the catalog has; the
+        listing (:meth:`list`) shows models, not aliases."""
+        info = self.get(name)
+        if info is not None or not self._aliases:
+            return info
+        target = self._aliases.get(name) or self._folded_aliases.get(name.casefold()) or self._aliases.get("*")
+        return self.get(target) if target else None
+
+    def alias_notes(self) -> list[str]:
+        """Aliases whose model is not found now (their names get a 404 until it appears)."""
+        return [f"--model-alias {name}={target}: no model {target!r} is found now"
+                for name, target in self._aliases.items() if self.get(target) is None]
 
 
 def _identity(info: ModelInfo) -> tuple[str, Any]:

@@ -54,4 +54,5 @@ class ChoiceText:
                 out.append(TextDelta(tail, tuple(self._pending)))
         self._pending = []
         self.done = True
-        return out + [Finish(reason), Usage(self.n_prompt, self.generated, self.cached)]
+        stop = self.scanner.hit if reason == "stop" else None
+        return out + [Finish(reason, stop), Usage(self.n_prompt, self.generated, self.cached)]

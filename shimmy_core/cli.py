@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="serve this GGUF file, named after the file (repeatable)")
     serve.add_argument("--model-dir", dest="model_dirs", action="append", metavar="DIR",
                        help="look for models in this folder (repeatable; SHIMMY_MODEL_PATHS)")
+    serve.add_argument("--model-alias", dest="model_alias", action="append", metavar="NAME=MODEL",
+                       help="answer requests for NAME with MODEL, e.g. claude-sonnet-4-5=qwen3; NAME '*' "
+                            "catches every unknown name (repeatable; SHIMMY_MODEL_ALIAS, comma-separated)")
     serve.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU (default: all when available)")
     serve.add_argument("--ctx-size", type=int, help="context window per model (default: the model's, up to 8192)")
     serve.add_argument("--threads", type=int,

@@ -92,12 +92,14 @@ from shimmy_core.discovery import (
     stat_key,
 )
 from shimmy_core.formatting import human_size
-from shimmy_core.http.dialect_kit import DialectServer, Generation, read_body
+from shimmy_core.http.dialect_kit import DialectServer, Generation, read_body, send_stream
 from shimmy_core.http.errors import neutral_error
+from shimmy_core.http.request_checks import check_body, check_strings, check_text, parse_json
 from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.prompt_builder import PromptBuilder
 from shimmy_core.registered_models import RegistryError, load_entries, registry_path
 from shimmy_core.stops import StopScanner
+from shimmy_core.streams import with_heartbeat
 from shimmy_core.tools.calculator import evaluate, format_number
 from shimmy_core.tools.files import FileReader
 from shimmy_core.tools.http_client import HttpPolicy, RequestRefused, fetch
@@ -131,7 +133,7 @@ __all__ = [
     "InputTokens",
     # API dialects: the neutral request, the generation flow of a route, errors
     "Dialect", "DialectServer", "Generation", "HTTPRefusal", "ParsedRequest", "RequestedTool", "ToolRequest",
-    "neutral_error", "read_body",
+    "neutral_error", "read_body", "send_stream", "with_heartbeat", "parse_json", "check_body", "check_text", "check_strings",
     # prompts
     "BUILTIN_TEMPLATES", "CHATML_FALLBACK", "ChatTemplate", "TemplateError", "template_stop_strings",
     "PromptBuilder", "StopScanner", "ChoiceText", "template_supports_tools", "human_size",

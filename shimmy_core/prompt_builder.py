@@ -105,13 +105,13 @@ class PromptBuilder:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {n_ctx} tokens. However, your {param} "
                 f"resulted in {n_prompt} tokens. Please reduce the length of the {param}.",
-                param=param,
+                param=param, prompt_tokens=n_prompt, context_length=n_ctx,
             )
         if requested is not None and n_prompt + requested > n_ctx:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {n_ctx} tokens. However, you requested "
                 f"{n_prompt + requested} tokens ({n_prompt} in the {param}, {requested} in the completion). "
                 f"Please reduce the length of the {param} or completion.",
-                param="max_tokens",
+                param="max_tokens", prompt_tokens=n_prompt, requested=requested, context_length=n_ctx,
             )
         return min(requested or self.max_tokens_ceiling, self.max_tokens_ceiling, n_ctx - n_prompt)

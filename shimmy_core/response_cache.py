@@ -152,7 +152,7 @@ class Recorder:
             else:
                 self.events.append(["r", index, chunk.text])
         elif isinstance(chunk, Finish):
-            self.events.append(["f", index, chunk.reason])
+            self.events.append(["f", index, chunk.reason] + ([chunk.stop] if chunk.stop is not None else []))
         elif isinstance(chunk, Usage):
             self.events.append(["u", index, chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens,
                                 chunk.reasoning_tokens])
@@ -179,7 +179,7 @@ def replay(entry: dict) -> Iterator[tuple[int, Chunk]]:
         elif tag == "r":
             yield index, ReasoningDelta(str(event[2]))
         elif tag == "f":
-            yield index, Finish(str(event[2]))
+            yield index, Finish(str(event[2]), str(event[3]) if len(event) > 3 else None)
         else:
             yield index, Usage(int(event[2]), int(event[3]), int(event[4]), int(event[5]) if len(event) > 5 else 0)
 
@@ -199,7 +199,7 @@ def valid_entry(entry: Any, kind: str) -> bool:
                     return False
                 _logprobs_from(event[3])
             elif tag in ("f", "r"):
-                if not isinstance(event[2], str):
+                if not all(isinstance(v, str) for v in event[2:]):
                     return False
             elif tag == "u":
                 int(event[2]), int(event[3]), int(event[4]), int(event[5]) if len(event) > 5 else 0

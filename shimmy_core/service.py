@@ -135,7 +135,8 @@ class CompletionService:
         self.tools = tools if tools is not None else ToolBox()
 
     def resolve(self, model_id: str) -> ModelInfo:
-        """The chat model named ``model_id`` (an embedding or rerank model is a 400)."""
+        """The chat model a request naming ``model_id`` gets (aliases applied; an embedding or
+        rerank model is a 400)."""
         return self.catalog.resolve(model_id, CHAT)
 
     def _plan(self, parsed: ParsedRequest) -> ToolPlan | None:
@@ -149,7 +150,8 @@ class CompletionService:
 
     @staticmethod
     def _requests(parsed: ParsedRequest, plan: ToolPlan | None, native: bool) -> list[GenerationRequest]:
-        """The first step's request of each prompt: the tools in it, as the model takes them."""
+        """The first step's request of each prompt: the tools (and earlier calls) in it, as the
+        model takes them."""
         requests: list[GenerationRequest] = list(parsed.prompts)
         if plan is not None:
             return [plan.step_request(r, list(r.messages or ()), plan.first_choice, native, text_tools=True)
@@ -159,7 +161,7 @@ class CompletionService:
                     if r.messages and tool_prompts.needs_rewrite(r.messages) else r for r in requests]
         return requests
 
-    def prompt_tokens(self, parsed: ParsedRequest) -> int:
+    def count_tokens(self, parsed: ParsedRequest) -> int:
         """The tokens the prompts of ``parsed`` take, tools included, exactly as :meth:`start` would
         send them; nothing is generated (the model is loaded to tokenize)."""
         model = self.manager.get(self.resolve(parsed.model))

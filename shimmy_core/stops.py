@@ -12,6 +12,7 @@ class StopScanner:
         self.stops = tuple(s for s in stops if s)
         self.held = ""
         self.stopped = False
+        self.hit: str | None = None   # the stop string found, once stopped
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add generated text; return ``(text safe to emit, whether a stop string was hit)``."""
@@ -21,10 +22,11 @@ class StopScanner:
         if not self.stops:
             self.held = ""
             return buf, False
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, -len(s), s) for s, i in ((s, buf.find(s)) for s in self.stops) if i >= 0]
         if hits:
+            at, _, self.hit = min(hits)  # the earliest; of two starting there, the longer
             self.stopped, self.held = True, ""
-            return buf[: min(hits)], True
+            return buf[:at], True
         keep = 0
         for stop in self.stops:
             for k in range(min(len(stop) - 1, len(buf)), keep, -1):

@@ -239,6 +239,31 @@ def safetensors_server(start_server, safetensors_model_path) -> ServerProcess:
     return serve_model(start_server, safetensors_model_path)
 
 
+# A thinking model for the reasoning tests of every dialect: SmolLM2's GGUF written again with a
+# chat template that opens <think> (and closes it at once when enable_thinking is false).
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- else %}{{ '<think>\\n' }}{%- endif %}{%- endif %}"
+)
+THINKING_MODEL = "SmolThink"
+
+
+@pytest.fixture(scope="session")
+def thinking_model(smollm2_path, tmp_path_factory):
+    from tests.gguf_surgery import copy_with_metadata
+
+    return copy_with_metadata(smollm2_path, tmp_path_factory.mktemp("think") / f"{THINKING_MODEL}.gguf",
+                              "tokenizer.chat_template", THINKING_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def think_server(start_server, thinking_model):
+    return serve_model(start_server, thinking_model)
+
+
 @pytest.fixture(scope="session")
 def client(server):
     return sdk_client(server)

@@ -35,7 +35,7 @@ def test_a_character_split_across_tokens_comes_out_whole_and_each_token_keeps_it
 def test_a_stop_string_across_tokens_ends_the_choice_and_is_not_shown():
     out = byte_text(stop=("END",))
     chunks = out.add(b"Hello E") + out.add(b"N") + out.add(b"D and more")
-    assert text_of(chunks) == "Hello " and chunks[-2:] == [Finish("stop"), Usage(7, 3, 0)] and out.done
+    assert text_of(chunks) == "Hello " and chunks[-2:] == [Finish("stop", "END"), Usage(7, 3, 0)] and out.done
 
 
 def test_held_back_text_is_released_at_the_end_and_cached_tokens_are_reported():

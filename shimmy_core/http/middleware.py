@@ -8,7 +8,7 @@ resources.  In order:
 3. :class:`HostCheck` - a ``Host`` that is not this machine's: 403 (DNS rebinding).
 4. :class:`CORS` - browser origins: localhost ones and ``--cors-origin``; others 403.
 5. :class:`Draining` - while the server shuts down: 503 with ``Retry-After``.
-6. :class:`Auth` - ``--api-key``: a Bearer key, compared in constant time; 401.
+6. :class:`Auth` - ``--api-key``: a Bearer key or an ``X-Api-Key`` header, compared in constant time; 401.
 
 Every refusal is a neutral :class:`HTTPRefusal`, which leaves in the envelope of the dialect that
 owns the path (see :mod:`shimmy_core.http.errors`).
@@ -45,6 +45,9 @@ CORE_ROUTES = ("/health", "/metrics")           # still answered while the serve
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _TOKEN_LIST = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+(\s*,\s*[A-Za-z0-9!#$%&'*+.^_`|~-]+)*$")
 EXPOSED_HEADERS = "X-Request-Id, X-Shimmy-Cache, Retry-After"
+# Request headers a preflight may always name (API clients' own: keys and API versions); any other
+# well-formed list a browser asks for is echoed as well.
+ALLOWED_HEADERS = "Authorization, Content-Type, X-Api-Key, Anthropic-Version, Anthropic-Beta"
 
 
 def build_middleware(settings: "Settings", lifecycle: Lifecycle, metrics: "Metrics", routes: RouteTable) -> list:
@@ -289,6 +292,8 @@ class CORS:
             resp.set_header("Access-Control-Allow-Methods", self.METHODS)
             if requested and _TOKEN_LIST.match(requested.strip()):
                 resp.set_header("Access-Control-Allow-Headers", requested.strip())
+            else:
+                resp.set_header("Access-Control-Allow-Headers", ALLOWED_HEADERS)
             if (req.get_header("Access-Control-Request-Private-Network") or "").lower() == "true":
                 resp.set_header("Access-Control-Allow-Private-Network", "true")
             resp.set_header("Access-Control-Max-Age", self.MAX_AGE)
@@ -321,8 +326,9 @@ def _digest(key: str) -> bytes:
 
 class Auth:
     """``--api-key``: every route but ``/health`` (and CORS preflights, which browsers send
-    without credentials) needs ``Authorization: Bearer KEY``.  The key is compared with every
-    configured key in constant time (digests of equal length, no early exit)."""
+    without credentials) needs the key, as ``Authorization: Bearer KEY`` or as ``X-Api-Key: KEY``
+    (the header Anthropic's clients send); with both, the Bearer key counts.  The key is compared
+    with every configured key in constant time (digests of equal length, no early exit)."""
 
     def __init__(self, keys: Iterable[str], routes: RouteTable):
         self._digests = [_digest(k) for k in keys if k]
@@ -332,8 +338,9 @@ class Auth:
         if not self._digests or self.routes.is_open(req.path) or req.method == "OPTIONS":
             return
         scheme, _, token = (req.get_header("Authorization") or "").strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        token = token or (req.get_header("X-Api-Key") or "").strip()
+        if not token:
             raise _unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.")
         given = _digest(token)
         matched = False

@@ -103,7 +103,7 @@ def with_tool_calls(chunks: Iterable[tuple[int, Chunk]], make_parser: Callable[[
             elif isinstance(chunk, Finish):
                 for item in parser.finish():
                     yield index, item
-                yield index, Finish("tool_calls" if parser.calls and chunk.reason == "stop" else chunk.reason)
+                yield index, (Finish("tool_calls") if parser.calls and chunk.reason == "stop" else chunk)
             else:
                 yield index, chunk
     finally:
@@ -215,12 +215,12 @@ class ToolPlan:
             client_index: dict[int, int] = {}   # the parser's call index -> the client's
             last = step >= self.toolbox.max_steps  # the last turn gets no tools: it has to answer
             parser = self.parser(choice, text_tools=not last)
-            finish = "stop"
+            finish, ended = "stop", Finish("stop")
             for _, chunk in chunks:
                 if isinstance(chunk, TextDelta):
                     items = _feed(parser, chunk)
                 elif isinstance(chunk, Finish):
-                    finish = chunk.reason
+                    finish, ended = chunk.reason, chunk
                     continue
                 else:
                     yield 0, chunk
@@ -242,7 +242,7 @@ class ToolPlan:
                 if finish != "stop" and not parser.calls and forced in self.server:
                     # the forced call was cut off before even its name was out
                     yield 0, ToolExecuted(new_call_id(), forced, "", cut_short(finish), is_error=True)
-                yield 0, Finish("tool_calls" if client_calls and finish == "stop" else finish)
+                yield 0, Finish("tool_calls") if client_calls and finish == "stop" else ended
                 return
             on_execute()
             step += 1

@@ -10,8 +10,8 @@ import uuid
 
 import falcon
 
-from shimmy_core.plugin_api import DialectServer, EmbeddingService, read_body
-from shimmy_plugins.dialects.openai.openai_requests import parse_embedding_request, parse_json, parse_rerank_request
+from shimmy_core.plugin_api import DialectServer, EmbeddingService, parse_json, read_body
+from shimmy_plugins.dialects.openai.openai_requests import parse_embedding_request, parse_rerank_request
 
 
 def encode_base64(vector: list[float]) -> str:

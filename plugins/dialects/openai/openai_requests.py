@@ -6,17 +6,18 @@ Every client mistake becomes a 400 with ``param`` naming the offending field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
-import jsonschema
 from jsonschema import Draft202012Validator
 
 from shimmy_core.plugin_api import (
+    check_body,
     check_schema,
+    check_strings,
+    check_text,
     GenerationRequest,
-    json_path,
     OutputFormat,
+    parse_json,
     ParsedRequest,
     ReasoningOptions,
     RequestedTool,
@@ -27,7 +28,6 @@ from shimmy_core.plugin_api import (
 )
 from shimmy_plugins.dialects.openai.openai_errors import APIError, invalid
 
-MAX_DEPTH = 64
 MAX_STOP = 16
 _INT32 = 2**31 - 1
 
@@ -262,100 +262,6 @@ _VALIDATORS = {
 }
 
 
-def _reject_constant(name: str):
-    raise APIError(400, f"Invalid JSON number {name}: NaN and Infinity are not allowed.", code="invalid_json")
-
-
-def parse_json(raw: bytes) -> dict:
-    """Decode a request body; malformed, non-object or too deeply nested JSON is a 400."""
-    if not raw:
-        raise invalid("The request body is empty; send a JSON object.", code="invalid_json")
-    try:
-        text = raw.decode("utf-8")
-        body = json.loads(text, parse_constant=_reject_constant)
-    except APIError:
-        raise
-    except RecursionError:
-        raise invalid("The JSON body is nested too deeply.", code="invalid_json") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise invalid(f"The body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise invalid("The JSON body must be an object.", code="invalid_json")
-    _check_depth(body)
-    return body
-
-
-def _check_depth(value: object) -> None:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise invalid(f"The JSON body is nested deeper than {MAX_DEPTH} levels.", code="invalid_json")
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-
-
-def _param_name(error: jsonschema.ValidationError) -> str | None:
-    path = list(error.absolute_path)
-    if error.validator == "required":
-        missing = error.message.split("'")[1] if "'" in error.message else None
-        path = path + ([missing] if missing else [])
-    if error.validator in ("propertyNames", "additionalProperties") and not path:
-        return None
-    return json_path(path) or None
-
-
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _describe(error: jsonschema.ValidationError, param: str | None) -> str:
-    where = f"'{param}'" if param else "the request"
-    if error.validator == "required":
-        return f"Missing required parameter: {where}."
-    if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
-        return f"Invalid value for {where}: {_short(repr(error.instance))} is out of range."
-    if error.validator in ("type", "anyOf", "enum"):
-        return f"Invalid type or value for {where}: {_short(error.message)}."
-    return f"Invalid value for {where}: {_short(error.message)}."
-
-
-def validate_body(validator: Draft202012Validator, body: dict) -> None:
-    """Check ``body`` against a request schema; the first problem is a 400 naming its path."""
-    error = jsonschema.exceptions.best_match(validator.iter_errors(body))
-    if error is not None:
-        param = _param_name(error)
-        raise invalid(_describe(error, param), param=param, code="invalid_value" if param else None)
-
-
-def check_text(value: str, param: str) -> str:
-    if "\x00" in value:
-        raise invalid(f"Invalid value for '{param}': text must not contain NUL characters.", param=param)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid(
-            f"Invalid value for '{param}': text contains a lone surrogate (invalid Unicode).", param=param
-        ) from None
-    return value
-
-
-def check_strings(value: object, param: str) -> None:
-    """Check every string inside a JSON value (already depth-limited)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            check_text(item, param)
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
 def _message_text(message: dict, index: int) -> str | None:
     content = message.get("content")
     param = f"messages[{index}].content"
@@ -387,7 +293,7 @@ def finite(body: dict, name: str, default: float) -> float:
 
 def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
     """Validate ``body`` (already JSON-decoded) for ``kind`` ("chat" or "completion")."""
-    validate_body(_VALIDATORS[kind], body)
+    check_body(_VALIDATORS[kind], body)
     stream = bool(body.get("stream") or False)
     options = body.get("stream_options")
     if options is not None and not stream:
@@ -569,7 +475,7 @@ class EmbeddingRequest:
 
 def parse_embedding_request(body: dict) -> EmbeddingRequest:
     """Validate an embeddings body: ``input`` as a string, strings, token ids or lists of them."""
-    validate_body(_VALIDATORS["embedding"], body)
+    check_body(_VALIDATORS["embedding"], body)
     raw = body["input"]
     if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
         raw = [raw]
@@ -597,7 +503,7 @@ class RerankRequest:
 
 
 def parse_rerank_request(body: dict) -> RerankRequest:
-    validate_body(_VALIDATORS["rerank"], body)
+    check_body(_VALIDATORS["rerank"], body)
     documents = [d if isinstance(d, str) else d["text"] for d in body["documents"]]
     for text in [body["query"], *documents]:
         check_text(text, "documents")

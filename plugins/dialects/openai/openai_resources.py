@@ -7,10 +7,11 @@ import contextlib
 
 import falcon
 
-from shimmy_core.plugin_api import DialectServer, Generation, ModelInfo, read_body, UnsupportedOutputSchema
+from shimmy_core.plugin_api import DialectServer, Generation, ModelInfo, parse_json, read_body, send_stream
+from shimmy_core.plugin_api import UnsupportedOutputSchema
 from shimmy_plugins.dialects.openai.openai_bodies import ResponseBuilder
 from shimmy_plugins.dialects.openai.openai_errors import invalid, model_not_found
-from shimmy_plugins.dialects.openai.openai_requests import parse_json, parse_request, unsupported_schema
+from shimmy_plugins.dialects.openai.openai_requests import parse_request, unsupported_schema
 from shimmy_plugins.dialects.openai.openai_stream import collect, stream
 
 
@@ -79,10 +80,7 @@ class GenerationResource:
             with contextlib.closing(events):
                 resp.media = collect(builder, events)
             return
-        resp.content_type = "text/event-stream"
-        resp.set_header("Cache-Control", "no-cache")
-        resp.set_header("X-Accel-Buffering", "no")
-        resp.stream = stream(builder, events, parsed.include_usage, on_close=events.close)
+        send_stream(resp, stream(builder, events, parsed.include_usage, on_close=events.close))
 
 
 class ToolsResource:

@@ -16,6 +16,9 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from shimmy_core.plugin_api import (
+    check_body,
+    check_strings,
+    check_text,
     GenerationRequest,
     OutputFormat,
     ParsedRequest,
@@ -26,15 +29,7 @@ from shimmy_core.plugin_api import (
     UnsupportedOutputSchema,
 )
 from shimmy_plugins.dialects.openai.openai_errors import APIError, invalid
-from shimmy_plugins.dialects.openai.openai_requests import (
-    add_tool,
-    answer_schema,
-    check_strings,
-    check_text,
-    check_tool_choice,
-    finite,
-    validate_body,
-)
+from shimmy_plugins.dialects.openai.openai_requests import add_tool, answer_schema, check_tool_choice, finite
 
 MAX_INPUT_ITEMS = 4096
 _INT32 = 2**31 - 1
@@ -413,7 +408,7 @@ def _refuse_unsupported(body: dict) -> None:
 def parse_responses_request(body: dict, context: list[dict], count_only: bool = False) -> ResponsesRequest:
     """Validate ``body``; ``context`` is the stored conversation ``previous_response_id`` names
     (its input and output items), already looked up by the caller."""
-    validate_body(_COUNT if count_only else _CREATE, body)
+    check_body(_COUNT if count_only else _CREATE, body)
     _refuse_unsupported(body)
     for key in ("max_output_tokens", "top_logprobs"):
         if body.get(key) is not None:

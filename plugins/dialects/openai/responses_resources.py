@@ -11,11 +11,11 @@ from shimmy_core.plugin_api import (
     ContextLengthExceeded,
     DialectServer,
     Generation,
+    parse_json,
     read_body,
     UnsupportedOutputSchema,
 )
 from shimmy_plugins.dialects.openai.openai_errors import APIError, invalid
-from shimmy_plugins.dialects.openai.openai_requests import parse_json
 from shimmy_plugins.dialects.openai.responses_bodies import collect, ResponseRun, stream
 from shimmy_plugins.dialects.openai.responses_requests import (
     parse_responses_request,
@@ -123,7 +123,7 @@ class InputTokensResource(_Parsing):
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body, request = self.parse(req, count_only=True)
         try:
-            tokens = self.service.prompt_tokens(request.parsed)
+            tokens = self.service.count_tokens(request.parsed)
         except UnsupportedOutputSchema as exc:
             raise unsupported_schema(exc, body) from None
         resp.media = {"object": "response.input_tokens", "input_tokens": tokens}
