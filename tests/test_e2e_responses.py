@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL_ID, safetensors_cache_root
+from tests.conftest import MODEL_ID, npm_install
 from tests.test_responses_api import EVENT_SCHEMAS
 
 NO_CACHE = {"Cache-Control": "no-cache"}
@@ -127,15 +126,7 @@ def test_openai_agents_sdk_runs_an_agent_with_a_function_tool(server):
 @pytest.fixture(scope="session")
 def codex_bin() -> Path:
     """Codex CLI from npm, installed once per machine into the test cache (skipped without npm)."""
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("npm is not installed: the Codex CLI test needs it (npm install -g npm, or Node.js 20+)")
-    prefix = safetensors_cache_root() / f"codex-{CODEX_VERSION}"
-    binary = prefix / "node_modules" / ".bin" / "codex"
-    if not binary.exists():
-        subprocess.run([npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund",
-                        f"@openai/codex@{CODEX_VERSION}"], check=True, timeout=600, capture_output=True)
-    return binary
+    return npm_install("@openai/codex", CODEX_VERSION, "node_modules/.bin/codex")
 
 
 @pytest.fixture(scope="module")
