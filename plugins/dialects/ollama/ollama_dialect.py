@@ -7,34 +7,28 @@ See docs/ollama.md."""
 from __future__ import annotations
 
 from shimmy_core.plugin_api import DialectServer, hookimpl
+from shimmy_plugins.dialects.ollama import ollama_resources as resources
 from shimmy_plugins.dialects.ollama.ollama_errors import error_response
-from shimmy_plugins.dialects.ollama.ollama_resources import (
-    EmbedResource,
-    GenerateResource,
-    PsResource,
-    RefusedResource,
-    ShowResource,
-    STORE_ROUTES,
-    TagsResource,
-    VersionResource,
-)
 
 
 class OllamaDialect:
+    """Registered as ``ollama_api``: the name ``ollama`` is the discovery source of Ollama's store."""
+
     name = "ollama_api"
     prefixes = ("/api",)
 
     def add_routes(self, routes, server: DialectServer) -> None:
-        routes.add("/api/version", VersionResource())
-        routes.add("/api/tags", TagsResource(server))
-        routes.add("/api/show", ShowResource(server))
-        routes.add("/api/ps", PsResource(server))
-        routes.add("/api/chat", GenerateResource(True, server), generation=True)
-        routes.add("/api/generate", GenerateResource(False, server), generation=True)
-        routes.add("/api/embed", EmbedResource(False, server))
-        routes.add("/api/embeddings", EmbedResource(True, server))
-        for path, message in STORE_ROUTES.items():
-            routes.add(path, RefusedResource(message))
+        generating = {"/api/chat": resources.GenerateResource(True, server),
+                      "/api/generate": resources.GenerateResource(False, server)}
+        plain = {"/api/version": resources.VersionResource(), "/api/tags": resources.TagsResource(server),
+                 "/api/show": resources.ShowResource(server), "/api/ps": resources.PsResource(server),
+                 "/api/embed": resources.EmbedResource(False, server),
+                 "/api/embeddings": resources.EmbedResource(True, server)}
+        plain.update({path: resources.RefusedResource(why) for path, why in resources.STORE_ROUTES.items()})
+        for path, resource in generating.items():
+            routes.add(path, resource, generation=True)
+        for path, resource in plain.items():
+            routes.add(path, resource)
 
     def error_response(self, exc: BaseException):
         return error_response(exc)

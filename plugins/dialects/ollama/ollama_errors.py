@@ -5,15 +5,8 @@ from __future__ import annotations
 
 import math
 
-from shimmy_core.plugin_api import (
-    BackendUnavailable,
-    HTTPRefusal,
-    InvalidRequest,
-    ModelLoadError,
-    ModelNotFound,
-    neutral_error,
-    Overloaded,
-)
+from shimmy_core.plugin_api import BackendUnavailable, HTTPRefusal, InvalidRequest, ModelLoadError, ModelNotFound
+from shimmy_core.plugin_api import neutral_error, Overloaded
 
 
 class OllamaError(Exception):

@@ -12,19 +12,8 @@ from typing import Any
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from shimmy_core.plugin_api import (
-    check_schema,
-    GenerationRequest,
-    json_path,
-    ModelInfo,
-    OutputFormat,
-    ParsedRequest,
-    ReasoningOptions,
-    RequestedTool,
-    SamplingParams,
-    SchemaProblem,
-    ToolRequest,
-)
+from shimmy_core.plugin_api import check_schema, GenerationRequest, json_path, ModelInfo, OutputFormat, ParsedRequest
+from shimmy_core.plugin_api import ReasoningOptions, RequestedTool, SamplingParams, SchemaProblem, ToolRequest
 from shimmy_plugins.dialects.ollama.ollama_errors import bad_request
 
 # Ollama's defaults where a request and the model's Modelfile say nothing.

@@ -9,16 +9,8 @@ from importlib import metadata
 
 import falcon
 
-from shimmy_core.plugin_api import (
-    CHAT,
-    DialectServer,
-    EMBEDDING_KIND,
-    Generation,
-    ModelInfo,
-    ModelNotFound,
-    read_body,
-    WrongModelKind,
-)
+from shimmy_core.plugin_api import CHAT, DialectServer, EMBEDDING_KIND, Generation, ModelInfo, ModelNotFound, read_body
+from shimmy_core.plugin_api import WrongModelKind
 from shimmy_plugins.dialects.ollama import ollama_requests as requests
 from shimmy_plugins.dialects.ollama.ollama_errors import bad_request, OllamaError
 from shimmy_plugins.dialects.ollama.ollama_models import ps_entry, show_body, tag_entry
