@@ -19,15 +19,22 @@ HI = [{"role": "user", "content": "Say hello."}]
 ANSWER = "".join(w if i == 0 else " " + w for i, w in enumerate(WORDS))
 
 
-@pytest.fixture
-def ollama():
+def make_client(model=None):
     settings = Settings.load({"demo": False}, {})
     plugin = FakePlugin()
+    if model is not None:
+        plugin.backend.model = model
     pm = create_plugin_manager(load_entry_points=False, extra_plugins=[
         ("fake", plugin), builtin("openai"), builtin("ollama_api")])
     shimmy = build(settings, pm)
     client = falcon.testing.TestClient(create_app(shimmy), headers={"Host": "localhost"})
     client.plugin = plugin
+    return client, shimmy
+
+
+@pytest.fixture
+def ollama():
+    client, shimmy = make_client()
     yield client
     shimmy.close()
 
@@ -147,3 +154,20 @@ def test_error_after_headers_is_a_last_line(ollama):
     lines = ndjson_lines(post(ollama, "/api/chat", model=MODEL,
                               messages=[{"role": "user", "content": BOOM_GENERATE}]))
     assert set(lines[-1]) == {"error"} and "secret" not in lines[-1]["error"]
+
+
+def test_thinking_comes_back_as_thinking():
+    from tests.test_responses_api import ThinkingModel
+
+    client, shimmy = make_client(ThinkingModel())
+    try:
+        body = post(client, "/api/chat", model=MODEL, messages=HI, stream=False, think=True).json
+        assert body["message"]["thinking"] == "Let me think." and body["message"]["content"] == ANSWER
+        assert client.plugin.backend.model.prepared[-1].reasoning.effort == "medium"
+        lines = ndjson_lines(post(client, "/api/generate", model=MODEL, prompt="hi", think="low"))
+        assert "".join(line.get("thinking", "") for line in lines) == "Let me think."
+        assert client.plugin.backend.model.prepared[-1].reasoning.effort == "low"
+        post(client, "/api/chat", model=MODEL, messages=HI, stream=False, think=False)
+        assert client.plugin.backend.model.prepared[-1].reasoning.effort == "none"
+    finally:
+        shimmy.close()
