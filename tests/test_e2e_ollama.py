@@ -48,6 +48,9 @@ def test_chat_plain_and_streamed(client):
     assert [p.done for p in pieces][-1] is True and not any(p.done for p in pieces[:-1])
     assert "".join(p.message.content for p in pieces) == reply.message.content  # temperature 0: the same answer
     assert client.chat(model=f"{MODEL_ID}:latest", messages=HI, options=FAST).message.content  # the implied tag
+    for think in (False, True):  # a model that does not think answers anyway, with no thinking
+        answer = client.chat(model=MODEL_ID, messages=HI, options=FAST, think=think)
+        assert answer.message.content and not answer.message.thinking
 
 
 def test_chat_with_tools_and_a_format_schema(client):
