@@ -9,34 +9,17 @@ import json
 import falcon.testing
 import pytest
 
-from shimmy_core.app import build, create_app
-from shimmy_core.contract.settings import Settings
-from shimmy_core.plugin_manager import create_plugin_manager
-from tests.conftest import builtin
-from tests.test_openai_api import BOOM_GENERATE, FakePlugin, MODEL, WORDS
+from tests.test_openai_api import BOOM_GENERATE, make_api, MODEL, WORDS  # noqa: F401 - make_api is a fixture
 
 HI = [{"role": "user", "content": "Say hello."}]
 ANSWER = "".join(w if i == 0 else " " + w for i, w in enumerate(WORDS))
 
 
-def make_client(model=None):
-    settings = Settings.load({"demo": False}, {})
-    plugin = FakePlugin()
-    if model is not None:
-        plugin.backend.model = model
-    pm = create_plugin_manager(load_entry_points=False, extra_plugins=[
-        ("fake", plugin), builtin("openai"), builtin("ollama_api")])
-    shimmy = build(settings, pm)
-    client = falcon.testing.TestClient(create_app(shimmy), headers={"Host": "localhost"})
-    client.plugin = plugin
-    return client, shimmy
-
-
 @pytest.fixture
-def ollama():
-    client, shimmy = make_client()
-    yield client
-    shimmy.close()
+def ollama(make_api):
+    harness = make_api(dialects=("openai", "ollama_api"))
+    harness.client.plugin = harness.plugin
+    return harness.client
 
 
 def post(client, path: str, **body) -> falcon.testing.Result:
@@ -156,18 +139,17 @@ def test_error_after_headers_is_a_last_line(ollama):
     assert set(lines[-1]) == {"error"} and "secret" not in lines[-1]["error"]
 
 
-def test_thinking_comes_back_as_thinking():
+def test_thinking_comes_back_as_thinking(make_api):
     from tests.test_responses_api import ThinkingModel
 
-    client, shimmy = make_client(ThinkingModel())
-    try:
-        body = post(client, "/api/chat", model=MODEL, messages=HI, stream=False, think=True).json
-        assert body["message"]["thinking"] == "Let me think." and body["message"]["content"] == ANSWER
-        assert client.plugin.backend.model.prepared[-1].reasoning.effort == "medium"
-        lines = ndjson_lines(post(client, "/api/generate", model=MODEL, prompt="hi", think="low"))
-        assert "".join(line.get("thinking", "") for line in lines) == "Let me think."
-        assert client.plugin.backend.model.prepared[-1].reasoning.effort == "low"
-        post(client, "/api/chat", model=MODEL, messages=HI, stream=False, think=False)
-        assert client.plugin.backend.model.prepared[-1].reasoning.effort == "none"
-    finally:
-        shimmy.close()
+    harness = make_api(ThinkingModel(), dialects=("openai", "ollama_api"))
+    client = harness.client
+    client.plugin = harness.plugin
+    body = post(client, "/api/chat", model=MODEL, messages=HI, stream=False, think=True).json
+    assert body["message"]["thinking"] == "Let me think." and body["message"]["content"] == ANSWER
+    assert client.plugin.backend.model.prepared[-1].reasoning.effort == "medium"
+    lines = ndjson_lines(post(client, "/api/generate", model=MODEL, prompt="hi", think="low"))
+    assert "".join(line.get("thinking", "") for line in lines) == "Let me think."
+    assert client.plugin.backend.model.prepared[-1].reasoning.effort == "low"
+    post(client, "/api/chat", model=MODEL, messages=HI, stream=False, think=False)
+    assert client.plugin.backend.model.prepared[-1].reasoning.effort == "none"
