@@ -204,14 +204,16 @@ def make_api(validate):
     """``make_api(**settings)``: a TestClient over the app with the fake plugin only."""
     made: list = []
 
-    def make(model: FakeModel | None = None, **overrides) -> Harness:
-        """``model``: the fake backend's model, when a test needs another kind of fake."""
+    def make(model: FakeModel | None = None, dialects: tuple[str, ...] = ("openai", "openai_responses"),
+             **overrides) -> Harness:
+        """``model``: the fake backend's model, when a test needs another kind of fake; ``dialects``:
+        the built-in dialect plugins to load."""
         settings = Settings.load({"demo": False}, {}).replace(**overrides)
         plugin = FakePlugin()
         if model is not None:
             plugin.backend.model = model
         pm = create_plugin_manager(load_entry_points=False, extra_plugins=[
-            ("fake", plugin), builtin("openai"), builtin("openai_responses")])
+            ("fake", plugin), *(builtin(name) for name in dialects)])
         shimmy = build(settings, pm)
         made.append(shimmy)
         # Falcon's simulated requests say Host: falconframework.org, which the DNS-rebinding check refuses.
