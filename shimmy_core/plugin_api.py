@@ -30,6 +30,7 @@ from shimmy_core.contract.generation import (
     ContextLengthExceeded,
     Finish,
     GenerationRequest,
+    InsufficientMemory,
     InvalidPrompt,
     InvalidRequest,
     LoadedModel,
@@ -52,6 +53,7 @@ from shimmy_core.contract.generation import (
     Usage,
 )
 from shimmy_core.contract.hookspecs import PROJECT, hookimpl
+from shimmy_core.contract.memory import DENSE, EXPERT, INPUT, MemoryFacts, OUTPUT, Plan, WeightTensor
 from shimmy_core.contract.model_formats import HeaderCache, ModelFacts, ModelFormat, Recognized, Skip
 from shimmy_core.contract.model_info import (
     DEFAULT_PRIORITY,
@@ -115,8 +117,10 @@ __all__ = [
     "PreparedPrompt", "Chunk", "ReasoningDelta", "ReasoningOptions", "ReasoningSyntax",
     "TextDelta", "Finish", "Usage", "TokenLogprob", "TopLogprob", "ToolCallDelta", "ToolExecuted",
     "BackendError", "BackendUnavailable", "ContextLengthExceeded", "InvalidPrompt", "InvalidRequest", "ModelLoadError", "Overloaded",
-    "UnsupportedOutputSchema",
+    "UnsupportedOutputSchema", "InsufficientMemory",
     "ModelNotFound", "Settings", "await_slot", "check_room",
+    # memory and placement (a backend's memory_facts, the plan its load receives)
+    "MemoryFacts", "WeightTensor", "Plan", "INPUT", "OUTPUT", "DENSE", "EXPERT",
     # API dialects: the neutral request, the generation flow of a route, errors
     "Dialect", "DialectServer", "Generation", "HTTPRefusal", "ParsedRequest", "RequestedTool", "ToolRequest",
     "neutral_error", "read_body",
