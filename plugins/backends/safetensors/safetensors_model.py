@@ -47,6 +47,7 @@ from shimmy_core.plugin_api import (
 )
 from shimmy_plugins.backends.safetensors.safetensors_constraints import OutputConstraints
 from shimmy_plugins.backends.safetensors.safetensors_format import config_context_length
+from shimmy_plugins.backends.safetensors.safetensors_placement import device_map, max_memory
 from shimmy_plugins.backends.safetensors.safetensors_engine import BatchEngine, EngineError, Job, Ticket
 from shimmy_plugins.backends.safetensors.safetensors_text import IncrementalDecoder, TokenPieces
 
@@ -162,7 +163,18 @@ def _read_json(path: Path) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
-def load(info, settings) -> "SafeTensorsModel":
+def memory_facts(info, settings):
+    from shimmy_plugins.backends.safetensors.safetensors_placement import memory_facts as facts
+
+    folder = Path(info.path)
+    config = _read_json(folder / "config.json")
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device, config)
+    return facts(info.path, config, torch.empty((), dtype=dtype).element_size(),
+                 info.context_length or config_context_length(config), settings, gpu_capable=device.type == "cuda")
+
+
+def load(info, settings, plan=None) -> "SafeTensorsModel":
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -183,7 +195,11 @@ def load(info, settings) -> "SafeTensorsModel":
             dtype_arg = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
             kwargs[dtype_arg] = dtype
             placed = device.type != "cpu" and importlib.util.find_spec("accelerate") is not None
-            if placed:
+            mapping = device_map(plan, str(device)) if placed and plan is not None else None
+            if mapping is not None:  # the plan splits the model: layers and experts partly in CPU memory
+                kwargs["device_map"], kwargs["max_memory"] = mapping, max_memory(plan)
+                device = torch.device(mapping["model.embed_tokens"])  # where the input ids go
+            elif placed:
                 kwargs["device_map"] = {"": str(device)}
             model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
             if not placed:
