@@ -34,12 +34,17 @@ def memory(path: str, n_ctx_seq: int, unified: bool) -> None:
     print(json.dumps({"rss_mb": rss_mb(os.getpid())}))
 
 
-def texts(c: Context, steps: int) -> list[list[int]]:
-    out = []
-    for q in QUESTIONS:
-        logits = greedy(c, [c.tokenize(q)], steps)
-        out.append([int(x.argmax()) for x in logits])
-    return out
+PROMPTS = QUESTIONS + ["Write a story about a lighthouse keeper.", "Explain how a bicycle works.",
+                       "List five fruits and their colors.", "What is 17 times 23?"]
+
+
+def texts(c: Context, steps: int) -> tuple[list[list[int]], list[np.ndarray]]:
+    out, logits = [], []
+    for q in PROMPTS:
+        seen = greedy(c, [c.tokenize(q)], steps)
+        out.append([int(x.argmax()) for x in seen])
+        logits.append(np.stack(seen))
+    return out, logits
 
 
 def main() -> None:
@@ -47,18 +52,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--model")
     parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-memory", action="store_true", help="leave out the resident-memory figures")
+    parser.add_argument("--skip-layout", action="store_true", help="leave out unified against one stream per slot")
     args = parser.parse_args()
     path = args.model or str(demo_model_path())
     if args.memory:
         memory(path, int(args.memory[0]), args.memory[1] == "unified")
         return
-    for n_ctx_seq, layout, label in ((8192, "split", "4 x 8192, one stream per slot"),
+    for n_ctx_seq, layout, label in () if args.skip_memory else ((8192, "split", "4 x 8192, one stream per slot"),
                                      (2048, "split", "4 x 2048, one stream per slot"),
                                      (2048, "unified", "8192 unified, shared by 4 slots")):
         out = subprocess.run([sys.executable, __file__, "--model", path, "--memory", str(n_ctx_seq), layout],
                              capture_output=True, text=True, check=True).stdout
         print(f"memory, {label}: RSS {json.loads(out.splitlines()[-1])['rss_mb']:.0f} MB")
-    for unified in (True, False):
+    for unified in () if args.skip_layout else (True, False):
+        print(f"... {'unified' if unified else 'one stream per slot'}", flush=True)
         c = Context(path, n_seq=4, n_ctx_seq=1024, unified=unified)
         prompts = [c.tokenize(q) for q in QUESTIONS]
         differ = total = diverged = 0
@@ -76,17 +84,18 @@ def main() -> None:
               f"alone vs beside 1-3 others; greedy text diverges in {diverged} of {len(prompts) * 3} cases")
     import llama_cpp
 
-    base = texts(Context(path, n_seq=1), args.steps)
+    base, base_logits = texts(Context(path, n_seq=1), args.steps)
     for label, kwargs in (("flash attention on", {"flash": True}),
                           ("flash attention on, q8_0 K and V cache",
                            {"flash": True, "cache_types": (llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q8_0)}),
                           ("flash attention off, q8_0 K cache",
                            {"cache_types": (llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_F16)})):
-        got = texts(Context(path, n_seq=1, **kwargs), args.steps)
+        got, logits = texts(Context(path, n_seq=1, **kwargs), args.steps)
         same = sum(a == b for a, b in zip(base, got))
         first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(base, got)]
+        worst = max(float(np.abs(a - b).max()) for a, b in zip(base_logits, logits))
         print(f"{label}: greedy text identical to the default for {same} of {len(base)} prompts "
-              f"(first differing step: {first})")
+              f"(first differing step: {first}); largest |logit difference| {worst:.3f}")
 
 
 if __name__ == "__main__":

@@ -395,8 +395,8 @@ class ModelManager:
                 self._unload(victim, f"to make room in memory for {info.id}")
             return plan
         raise InsufficientMemory(
-            f"{info.id!r} does not fit in memory, even with {request.slots} slot(s) cut to "
-            f"{memory_planner.MIN_SLOT_CTX} tokens and every idle model unloaded: "
+            f"{info.id!r} does not fit in memory, not even with one slot of {memory_planner.MIN_SLOT_CTX} tokens "
+            f"and every idle model unloaded. With {plan.slots} slot(s) of {plan.ctx_per_slot} tokens, "
             f"{memory_planner.shortfall(plan, devices, request.margin)}. Try a smaller quantization, "
             "--ctx-size, --parallel, or --max-memory/--memory-margin if the free memory is misjudged.",
             plan=plan)

@@ -13,13 +13,11 @@ import pytest
 from shimmy_core.cli import main
 from shimmy_core.catalog import ModelManager
 from shimmy_core.contract.generation import InsufficientMemory, Overloaded
-from shimmy_core.contract.hookspecs import hookimpl
 from shimmy_core.contract.memory import DENSE, Device, MemoryFacts, WeightTensor
 from shimmy_core.contract.model_info import ModelInfo
 from shimmy_core.contract.settings import Settings
-from shimmy_core.plugin_manager import create_plugin_manager
-from shimmy_core.plugin_registry import build_registry
 from tests.conftest import serve_model
+from tests.test_ops import Counting, manager
 
 MiB = 1024 ** 2
 GREEDY = {"messages": [{"role": "user", "content": "Name three colors."}], "max_tokens": 12, "temperature": 0}
@@ -147,17 +145,11 @@ def test_safetensors_device_map_keeps_experts_of_the_first_layers_on_the_cpu():
 
 
 # ------------------------------------------------------------------ eviction
-class Sized:
-    """A backend whose models need ``size`` MiB of CPU memory each."""
+class Sized(Counting):
+    """A backend whose models need ``extra["mib"]`` MiB of CPU memory each."""
 
     name = "sized"
     formats = ("sized",)
-
-    def __init__(self):
-        self.log: list = []
-
-    def unavailable_reason(self):
-        return None
 
     def memory_facts(self, model, settings):
         size = model.extra["mib"] * MiB
@@ -165,24 +157,16 @@ class Sized:
                            context_train=1024)
 
     def load(self, model, settings, plan=None):
-        self.log.append(("load", model.id, plan.ctx_per_slot if plan else None))
-        log = self.log
-        return type("M", (), {"context_length": 1024, "close": lambda self: log.append(("close", model.id))})()
+        assert plan is not None and plan.fits
+        return super().load(model, settings)
 
 
 def sized_manager(free_mib: int) -> tuple[ModelManager, Sized]:
-    backend = Sized()
+    """Free memory as a machine would report it: ``free_mib`` less what the loaded models hold."""
+    def devices():
+        return [Device("cpu", 4096 * MiB, free_mib * MiB - sum(e.bytes_on("cpu") for e in mgr._entries.values()))]
 
-    class Plugin:
-        @hookimpl
-        def shimmy_register_backends(self, register):
-            register(backend)
-
-    pm = create_plugin_manager(load_entry_points=False, extra_plugins=[("sized", Plugin())])
-    settings = Settings.load({"demo": False}, {}).replace(memory_margin="0")
-    devices = lambda: [Device("cpu", 4096 * MiB, free_mib * MiB - sum(  # noqa: E731
-        e.bytes_on("cpu") for e in mgr._entries.values()))]
-    mgr = ModelManager(pm, build_registry(pm, settings), settings, devices=devices)
+    mgr, backend = manager(Sized(), devices, memory_margin="0")
     return mgr, backend
 
 
@@ -208,7 +192,7 @@ def test_idle_models_are_unloaded_least_recently_used_first_to_make_room():
     with pytest.raises(InsufficientMemory, match="does not fit") as info:
         mgr.get(sized("huge", 5000))
     assert "cpu: needs" in str(info.value) and info.value.plan is not None
-    assert ("load", "huge", None) not in [entry[:2] + (None,) for entry in backend.log]
+    assert ("load", "huge") not in backend.log
     mgr.close()
 
 
