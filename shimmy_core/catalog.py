@@ -346,7 +346,7 @@ class ModelManager:
     def settings_for(self, info: ModelInfo) -> "Settings":
         """The server's settings with the model's own options (``shimmy add --ctx-size ...``)."""
         try:
-            return self._settings.with_options(info.extra.get("options"))
+            return self._settings.with_options(info.extra.get("model_settings"))
         except SettingsError as exc:
             raise BackendUnavailable(f"model {info.id!r}: {exc}") from None
 

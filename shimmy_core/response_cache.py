@@ -109,7 +109,7 @@ def cache_key(kind: str, body: dict, info: ModelInfo, backend: str, settings: Se
         "model": model_identity(info),
         "backend": backend,
         "settings": {name: str(getattr(settings, name, None)) for name in OUTPUT_SETTINGS},
-        "options": _canonical(info.extra.get("options") or {}),  # the model's own (shimmy add --ctx-size...)
+        "model_settings": _canonical(info.extra.get("model_settings") or {}),  # shimmy add --ctx-size ...
         "request": request,
     }
     text = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -368,12 +368,13 @@ def validate(openai_spec):
 
 
 def open_stream(server, model: str = MODEL_ID, messages: list | None = None) -> "socket.socket":
-    """A raw streaming request that would run for 4000 tokens (end of turn banned); returns the
-    socket once tokens flow.  It bypasses the response cache and sends a real Host."""
+    """A raw streaming request that would run for 1900 tokens (end of turn banned; the demo model's
+    slots hold 2048 tokens); returns the socket once tokens flow.  It bypasses the response cache
+    and sends a real Host."""
     import socket
 
     body = json.dumps({
-        "model": model, "stream": True, "max_tokens": 4000, "temperature": 0,
+        "model": model, "stream": True, "max_tokens": 1900, "temperature": 0,
         "messages": messages or [{"role": "user", "content": "Write a very long story."}], "logit_bias": {"2": -100},
     }).encode()
     host, port = server.base.removeprefix("http://").rsplit(":", 1)

@@ -71,7 +71,7 @@ class RegisteredModels:
                                                   "missing", entry.name))
                 continue
             add_named(result, self.scanner.path(target), entry.name, self.name,
-                      extra={"options": dict(entry.options)} if entry.options else None)
+                      extra={"model_settings": dict(entry.options)} if entry.options else None)
         return result
 
 
