@@ -29,7 +29,8 @@ QUESTIONS = ["Name three colors.", "Write a haiku about rain.", "What is the cap
 
 
 class Context:
-    def __init__(self, path: str, n_seq: int, repack: bool = True):
+    def __init__(self, path: str, n_seq: int, repack: bool = True, *, n_ctx_seq: int = 1024,
+                 unified: bool = False, flash: bool = False, cache_types: tuple[int, int] | None = None):
         import llama_cpp
         from llama_cpp._internals import LlamaContext, LlamaModel
         from llama_cpp._logger import set_verbose
@@ -40,10 +41,13 @@ class Context:
         mparams.use_extra_bufts = repack
         self.model = LlamaModel(path_model=path, params=mparams, verbose=False)
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx, params.n_seq_max, params.kv_unified = 1024 * n_seq, n_seq, False
+        params.n_ctx, params.n_seq_max, params.kv_unified = n_ctx_seq * n_seq, n_seq, unified
         params.n_batch = params.n_ubatch = 512
         params.n_threads, params.n_threads_batch = engine_threads()
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        if cache_types:
+            params.type_k, params.type_v = cache_types
         self.ctx = LlamaContext(model=self.model, params=params, verbose=False)
         self.memory = llama_cpp.llama_get_memory(self.ctx.ctx)
         self.batch = llama_cpp.llama_batch_init(1024, 0, 1)

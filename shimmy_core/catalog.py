@@ -15,9 +15,18 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from shimmy_core.contract.embedding import WrongModelKind
-from shimmy_core.contract.generation import BackendUnavailable, InvalidPrompt, LoadedModel, ModelNotFound, Overloaded
+from shimmy_core.contract.generation import (
+    BackendUnavailable,
+    InsufficientMemory,
+    InvalidPrompt,
+    LoadedModel,
+    ModelNotFound,
+    Overloaded,
+)
+from shimmy_core.contract.memory import Device, PlacementRequest, Plan
 from shimmy_core.contract.model_info import DEFAULT_PRIORITY, DiscoverySource, ModelInfo, SkippedFile
-from shimmy_core import streams
+from shimmy_core.contract.settings import SettingsError
+from shimmy_core import devices as device_probe, memory_planner, streams
 
 if TYPE_CHECKING:  # pragma: no cover
     from shimmy_core.lifecycle import Lifecycle
@@ -227,13 +236,20 @@ def _name(found: list[ModelInfo]) -> tuple[dict[str, ModelInfo], dict[str, str],
 class _Entry:
     """One loaded model and who holds it."""
 
-    __slots__ = ("info", "model", "leases", "last_used")
+    __slots__ = ("info", "model", "leases", "last_used", "plan")
 
-    def __init__(self, info: ModelInfo, model: LoadedModel):
+    def __init__(self, info: ModelInfo, model: LoadedModel, plan: Plan | None = None):
         self.info = info
         self.model = model
         self.leases = 0                  # requests holding the model right now
         self.last_used = time.monotonic()
+        self.plan = plan                 # where the planner put it (None: a backend without memory facts)
+
+    def bytes_on(self, device: str) -> int:
+        """What this model holds on ``device``: its plan's figures, else its file size in CPU memory."""
+        if self.plan is not None:
+            return self.plan.use(device).total
+        return self.info.size_bytes if device == "cpu" else 0
 
 
 class _Lease:
@@ -283,14 +299,22 @@ class ModelManager:
     it lives.  With ``max_loaded_models`` the least recently used idle model is unloaded to
     make room for another (a 503 when every loaded model is busy); with ``keep_alive`` a
     model unused that many seconds is unloaded by a background thread (0: at once).
+
+    Before a load, the memory planner places the model on the devices' free memory (when its
+    backend says what the model needs: ``memory_facts``); when it does not fit, the least
+    recently used idle models are unloaded until it does.  A model that would fit only
+    without a busy one gets a 503 to retry; one that cannot fit at all gets
+    :class:`InsufficientMemory` with the numbers, before anything is allocated.
+    ``devices`` (for tests) replaces the detection of the devices and their free memory.
     """
 
     def __init__(self, pm: "ShimmyPluginManager", registry: "Registry", settings: "Settings",
-                 lifecycle: "Lifecycle | None" = None):
+                 lifecycle: "Lifecycle | None" = None, devices: Callable[[], list[Device]] | None = None):
         self._pm = pm
         self._registry = registry
         self._settings = settings
         self._lifecycle = lifecycle
+        self._devices = devices or (lambda: device_probe.detect(settings.max_memory))
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._locks: dict[str, threading.Lock] = {}   # one per model path: load and unload in turn
         # Re-entrant: a lease's finalizer may run inside this thread's own critical section (GC).
@@ -334,16 +358,80 @@ class ModelManager:
                 reason = backend.unavailable_reason()
                 if reason:
                     raise BackendUnavailable(reason)
-                loaded = backend.load(info, self._settings)
+                settings = self.settings_for(info)
+                plan = self.plan(info, backend, settings, evict=True)
+                if plan is None:
+                    loaded = backend.load(info, settings)
+                else:
+                    loaded = backend.load(info, settings, plan=plan)
             finally:
                 with self._guard:
                     self._loading -= 1
             with self._guard:
-                entry = _Entry(info, loaded)
+                entry = _Entry(info, loaded, plan)
                 self._entries[key] = entry
                 lease = self._lease(key, entry)
         self._start_reaper()
         return lease
+
+    # ------------------------------------------------------------ memory
+    def settings_for(self, info: ModelInfo) -> "Settings":
+        """The server's settings with the model's own options (``shimmy add --ctx-size ...``)."""
+        try:
+            return self._settings.with_options(info.extra.get("model_settings"))
+        except SettingsError as exc:
+            raise BackendUnavailable(f"model {info.id!r}: {exc}") from None
+
+    def placement_request(self, settings: "Settings") -> PlacementRequest:
+        margin = device_probe.parse_size(settings.memory_margin) if settings.memory_margin else -1
+        return PlacementRequest(slots=max(1, settings.parallel), ctx_per_slot=settings.ctx_size,
+                                max_ctx=settings.max_ctx, gpu_layers=settings.gpu_layers,
+                                moe_offload=settings.moe_offload, margin=margin)
+
+    def plan(self, info: ModelInfo, backend=None, settings: "Settings | None" = None, *,
+             evict: bool = False) -> Plan | None:
+        """Where ``info`` would go now (None: its backend cannot say what it needs).  With
+        ``evict``, idle models are unloaded, least recently used first, until it fits;
+        :class:`InsufficientMemory` (or Overloaded, when only busy models are in the way) when
+        it cannot."""
+        backend = backend or self.backend_for(info)
+        facts_of = getattr(backend, "memory_facts", None)
+        if facts_of is None:
+            return None
+        settings = settings or self.settings_for(info)
+        facts = facts_of(info, settings)
+        request = self.placement_request(settings)
+        devices = self._devices()
+        plan = memory_planner.plan(info.id, facts, devices, request)
+        if plan.fits or not evict:
+            return plan
+        with self._guard:
+            loaded = sorted(((e.leases > 0, e.last_used, k) for k, e in self._entries.items()), key=lambda t: t[:2])
+        freed: list[str] = []
+        for busy, _, key in loaded:
+            freed.append(key)
+            with self._guard:
+                entries = [self._entries[k] for k in freed if k in self._entries]
+            more = [Device(d.name, d.total, d.free + sum(e.bytes_on(d.name) for e in entries), d.label)
+                    for d in devices]
+            plan = memory_planner.plan(info.id, facts, more, request)
+            if not plan.fits:
+                continue
+            if busy:
+                raise Overloaded(f"{info.id!r} fits in memory only once busy models finish "
+                                 f"({', '.join(e.info.id for e in entries)}). Retry shortly.", retry_after=5.0)
+            with self._guard:
+                victims = [(k, self._entries.pop(k)) for k in freed
+                           if k in self._entries and self._entries[k].leases == 0]
+            for victim in victims:
+                self._unload(victim, f"to make room in memory for {info.id}")
+            return plan
+        raise InsufficientMemory(
+            f"{info.id!r} does not fit in memory, not even with one slot of {memory_planner.MIN_SLOT_CTX} tokens "
+            f"and every idle model unloaded. With {plan.slots} slot(s) of {plan.ctx_per_slot} tokens, "
+            f"{memory_planner.shortfall(plan, devices, request.margin)}. Try a smaller quantization, "
+            "--ctx-size, --parallel, or --max-memory/--memory-margin if the free memory is misjudged.",
+            plan=plan)
 
     # ------------------------------------------------------------ leases
     def _lease(self, key: str, entry: _Entry) -> _Lease:
@@ -450,7 +538,8 @@ class ModelManager:
         with self._guard:
             entries = list(self._entries.items())
         return [
-            {"id": entry.info.id, "path": path, **(entry.model.stats() if hasattr(entry.model, "stats") else {})}
+            {"id": entry.info.id, "path": path, **(entry.model.stats() if hasattr(entry.model, "stats") else {}),
+             **({"placement": _placement(entry.plan)} if entry.plan is not None else {})}
             for path, entry in entries
         ]
 
@@ -462,3 +551,14 @@ class ModelManager:
             self._entries.clear()
         for entry in entries:
             entry.model.close()
+
+
+def _placement(plan: Plan) -> dict:
+    """What ``/health`` shows of where a model is."""
+    return {
+        "slots": plan.slots, "ctx_per_slot": plan.ctx_per_slot, "gpu_layers": plan.gpu_layers,
+        "layers": plan.n_layers, "experts": plan.n_experts, "cpu_expert_layers": plan.cpu_expert_layers,
+        "devices": {u.device: {"bytes": u.total, "weights": u.weights, "kv_cache": u.kv, "compute": u.compute,
+                               "layers": u.layers} for u in plan.uses},
+        "given_up": list(plan.given_up),
+    }

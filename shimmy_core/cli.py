@@ -31,6 +31,39 @@ def _add_tool_flags(parser: argparse.ArgumentParser) -> None:
                         help="most seconds one tool run may take (default 30)")
 
 
+def _add_placement_flags(parser: argparse.ArgumentParser, *, per_model: bool = False) -> None:
+    """How a model is placed and sized (docs/models.md, "Memory and placement"): the flags of
+    ``serve`` and ``probe``, and of ``add`` (``per_model``: kept with the model)."""
+    parser.add_argument("--gpu-layers", type=int, metavar="N",
+                        help="layers on the GPU (default -1: as many as fit; 0: none)")
+    parser.add_argument("--ctx-size", type=int, metavar="N",
+                        help="context per slot (default: the model's, up to 8192, shared by the slots)")
+    parser.add_argument("--moe-offload", metavar="auto|all|none|N",
+                        help="Mixture-of-Experts models: keep the experts of the first N layers (all: every "
+                             "layer) in CPU memory; auto (the default): as many as needed to fit the GPU")
+    parser.add_argument("--cpu-moe", dest="moe_offload", action="store_const", const="all",
+                        help="llama-server's name for --moe-offload all")
+    parser.add_argument("--n-cpu-moe", dest="moe_offload", metavar="N",
+                        help="llama-server's name for --moe-offload N")
+    parser.add_argument("--tensor-split", metavar="P,P,...",
+                        help="GGUF on several GPUs: the share of each (e.g. 3,1)")
+    parser.add_argument("--main-gpu", type=int, metavar="N", help="GGUF: the GPU for scratch and single-GPU use (0)")
+    parser.add_argument("--flash-attn", choices=["auto", "on", "off"],
+                        help="GGUF: flash attention (default auto: off on the CPU, where it changes greedy "
+                             "text; llama.cpp's choice on a GPU)")
+    parser.add_argument("--cache-type-k", choices=["f16", "q8_0", "q4_0"], help="GGUF: K cache type (f16)")
+    parser.add_argument("--cache-type-v", choices=["f16", "q8_0", "q4_0"],
+                        help="GGUF: V cache type (f16; q8_0 and q4_0 need flash attention)")
+    if not per_model:
+        parser.add_argument("--parallel", type=int, help="sequences generated at once per model (default 4)")
+        parser.add_argument("--max-memory", metavar="SIZE",
+                            help="most memory to plan for: 8G (the CPU) or cpu=8G,cuda:0=20G (default: what is free)")
+        parser.add_argument("--memory-margin", metavar="SIZE",
+                            help="memory kept free on each device (default 512M on the CPU, 5%% of a GPU)")
+    else:
+        parser.add_argument("--parallel", type=int, help="sequences generated at once (slots)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shimmy",
@@ -53,11 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-alias", dest="model_alias", action="append", metavar="NAME=MODEL",
                        help="answer requests for NAME with MODEL, e.g. claude-sonnet-4-5=qwen3; NAME '*' "
                             "catches every unknown name (repeatable; SHIMMY_MODEL_ALIAS, comma-separated)")
-    serve.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU (default: all when available)")
-    serve.add_argument("--ctx-size", type=int, help="context window per model (default: the model's, up to 8192)")
+    _add_placement_flags(serve)
     serve.add_argument("--threads", type=int,
                        help="llama.cpp threads (default: half the cores to generate, all for prompts)")
-    serve.add_argument("--parallel", type=int, help="sequences generated at once per model (default 4)")
     serve.add_argument("--queue-size", type=int, help="requests that may wait for a slot before 503 (default 16)")
     serve.add_argument("--queue-timeout", type=float, help="seconds a request may wait for a slot (default 60)")
     serve.add_argument("--batch-size", type=int, help="most prompt tokens llama.cpp processes per step (512)")
@@ -131,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     add = sub.add_parser("add", help="remember a model file or folder (nothing is copied)")
     add.add_argument("path", metavar="PATH", help="a model file, or a folder holding models")
     add.add_argument("--name", help="the name to serve it under (default: the file or folder name)")
+    _add_placement_flags(add, per_model=True)
 
     remove = sub.add_parser("remove", help="forget a model added with 'shimmy add' (its files stay)")
     remove.add_argument("name", metavar="NAME")
@@ -141,10 +173,13 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("name", metavar="NAME", help="a model name from 'shimmy list'")
     probe.add_argument("--prompt", default="Say hello in five words.", help="the user message to send")
     probe.add_argument("--max-tokens", dest="probe_tokens", type=int, default=32, help="tokens to generate (32)")
-    probe.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU (default: all when available)")
-    probe.add_argument("--ctx-size", type=int, help="context window (default: the model's, up to 8192)")
+    probe.add_argument("--plan-only", action="store_true", help="show where the model would go; do not load it")
+    _add_placement_flags(probe)
     probe.add_argument("--threads", type=int,
                        help="llama.cpp threads (default: half the cores to generate, all for prompts)")
+
+    gpu = sub.add_parser("gpu-info", help="list the devices models can go on and their free memory")
+    gpu.add_argument("--json", dest="as_json", action="store_true", help="a JSON array, for scripts")
     return parser
 
 
@@ -277,13 +312,17 @@ def cmd_add(args: argparse.Namespace) -> int:
     from shimmy_core.plugin_registry import build_registry
 
     settings = _settings(args)
+    from shimmy_core.contract.settings import MODEL_OPTIONS
+
     formats = build_registry(create_plugin_manager(settings.disable_plugins), settings).formats.values()
+    options = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k, None) is not None}
     try:
-        entry, names = registered_models.add(settings.home, args.path, args.name, formats=formats)
+        entry, names = registered_models.add(settings.home, args.path, args.name, formats=formats, options=options)
     except registered_models.RegistryError as exc:
         print(f"shimmy add: {exc}", file=sys.stderr)
         return 1
-    print(f"Added {entry.path} as {', '.join(names)}")
+    print(f"Added {entry.path} as {', '.join(names)}"
+          + (f" with {', '.join(f'{k}={v}' for k, v in entry.options.items())}" if entry.options else ""))
     return 0
 
 
@@ -353,6 +392,20 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return 1
     print(f"{info.id}: {info.format} {info.architecture or ''} {info.quantization or ''} from {info.source} "
           f"({info.path})")
+    from shimmy_core.memory_planner import describe
+
+    try:
+        plan = shimmy.manager.plan(info)
+    except BackendError as exc:
+        print(f"shimmy probe: {exc}", file=sys.stderr)
+        return 1
+    if plan is not None:
+        print("plan:" + "".join(f"\n  {line}" for line in describe(plan)))
+        if not plan.fits:
+            print(f"shimmy probe: {info.id!r} does not fit the free memory", file=sys.stderr)
+            return 1
+    if args.plan_only:
+        return 0
     try:
         started = time.perf_counter()
         model = shimmy.manager.get(info)
@@ -417,9 +470,29 @@ def cmd_tools(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_info(args: argparse.Namespace) -> int:
+    """``shimmy gpu-info``: the devices the planner sees and their free memory."""
+    import json
+
+    from shimmy_core.devices import detect
+
+    settings = _settings(args)
+    devices = detect(settings.max_memory)
+    if args.as_json:
+        print(json.dumps([{"device": d.name, "label": d.label, "total": d.total, "free": d.free} for d in devices],
+                         indent=2))
+        return 0
+    rows = [["DEVICE", "FREE", "TOTAL", "WHAT"]]
+    rows += [[d.name, human_size(d.free), human_size(d.total), d.label] for d in devices]
+    print(_table(rows))
+    if not any(d.name != "cpu" for d in devices):
+        print("No GPU found (no nvidia-smi on the PATH, and torch sees no CUDA device): models run on the CPU.")
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve, "plugins": cmd_plugins, "list": cmd_list, "add": cmd_add, "remove": cmd_remove,
-    "discover": cmd_discover, "probe": cmd_probe, "tools": cmd_tools,
+    "discover": cmd_discover, "probe": cmd_probe, "tools": cmd_tools, "gpu-info": cmd_gpu_info,
 }
 
 

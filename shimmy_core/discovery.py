@@ -348,9 +348,9 @@ def add_all(result: DiscoveryResult, found: Iterable[Found], source: str, owned_
 
 
 def add_named(result: DiscoveryResult, found: list[Found], base: str, source: str, *,
-              owned_by: str = "local", root: str = "") -> None:
+              owned_by: str = "local", root: str = "", extra: Mapping[str, Any] | None = None) -> None:
     """Add the finds of one repository-like folder, named with :func:`repo_names`."""
     names = repo_names(base, found, root)
     for index, item in enumerate(found):
         model_id, aliases = names.get(index, (base, ()))
-        item.add_to(result, source, model_id, aliases=aliases, owned_by=owned_by)
+        item.add_to(result, source, model_id, aliases=aliases, owned_by=owned_by, extra=extra)

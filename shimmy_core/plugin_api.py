@@ -32,6 +32,7 @@ from shimmy_core.contract.generation import (
     ContextLengthExceeded,
     Finish,
     GenerationRequest,
+    InsufficientMemory,
     InvalidPrompt,
     InvalidRequest,
     LoadedModel,
@@ -54,6 +55,7 @@ from shimmy_core.contract.generation import (
     Usage,
 )
 from shimmy_core.contract.hookspecs import PROJECT, hookimpl
+from shimmy_core.contract.memory import DENSE, EXPERT, INPUT, MemoryFacts, OUTPUT, Plan, WeightTensor
 from shimmy_core.contract.model_formats import HeaderCache, ModelFacts, ModelFormat, Recognized, Skip
 from shimmy_core.contract.model_info import (
     CHAT,
@@ -125,12 +127,14 @@ __all__ = [
     "PreparedPrompt", "Chunk", "ReasoningDelta", "ReasoningOptions", "ReasoningSyntax",
     "TextDelta", "Finish", "Usage", "TokenLogprob", "TopLogprob", "ToolCallDelta", "ToolExecuted",
     "BackendError", "BackendUnavailable", "ContextLengthExceeded", "InvalidPrompt", "InvalidRequest", "ModelLoadError", "Overloaded",
-    "UnsupportedOutputSchema",
+    "UnsupportedOutputSchema", "InsufficientMemory",
     "ModelNotFound", "Settings", "await_slot", "check_room",
     # embedding and rerank models: what a model is for, what they implement, their results
     "CHAT", "EMBEDDING_KIND", "RERANK", "MODEL_KINDS", "EmbeddingInput", "EmbeddingModel", "Embeddings",
     "RerankModel", "RerankScores", "WrongModelKind", "EmbeddingService", "EmbeddingResult", "RerankResult",
     "InputTokens",
+    # memory and placement (a backend's memory_facts, the plan its load receives)
+    "MemoryFacts", "WeightTensor", "Plan", "INPUT", "OUTPUT", "DENSE", "EXPERT",
     # API dialects: the neutral request, the generation flow of a route, errors
     "Dialect", "DialectServer", "Generation", "HTTPRefusal", "ParsedRequest", "RequestedTool", "ToolRequest",
     "neutral_error", "read_body", "send_stream", "with_heartbeat", "parse_json", "check_body", "check_text", "check_strings",

@@ -13,11 +13,12 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from shimmy_core.contract.model_formats import ModelFacts, ModelFormat
+from shimmy_core.contract.settings import Settings, SettingsError
 from shimmy_core.discovery import Scanner, repo_names
 
 REGISTRY_FILE = "registered-models.json"
@@ -33,6 +34,7 @@ class Entry:
     name: str
     path: str
     added: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # the model's own settings (MODEL_OPTIONS)
 
 
 def registry_path(home: Path) -> Path:
@@ -48,7 +50,8 @@ def load_entries(home: Path) -> list[Entry]:
         return []
     try:
         doc = json.loads(raw)
-        return [Entry(str(e["name"]), str(e["path"]), int(e.get("added", 0))) for e in doc["models"]]
+        return [Entry(str(e["name"]), str(e["path"]), int(e.get("added", 0)), dict(e.get("options") or {}))
+                for e in doc["models"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise RegistryError(f"{path} is damaged ({type(exc).__name__}: {exc}); fix or delete it") from None
 
@@ -69,14 +72,20 @@ def _save(home: Path, entries: list[Entry]) -> None:
 
 
 def add(home: Path, path: str | os.PathLike[str], name: str | None = None, *,
-        formats: Iterable[ModelFormat]) -> tuple[Entry, list[str]]:
-    """Validate ``path`` (a model file or a folder holding models) and remember it.
+        formats: Iterable[ModelFormat], options: Mapping[str, Any] | None = None) -> tuple[Entry, list[str]]:
+    """Validate ``path`` (a model file or a folder holding models) and remember it, with the
+    model's own ``options`` (how it loads: ``{"ctx_size": 4096, "moe_offload": "all"}``...).
 
     ``formats`` (the registered model formats) say what the files are, as discovery would.
     Returns the entry and the names its models will have.  Refuses a path that
     holds no servable model (with the reasons), a bad or taken name, and
     ``--name`` for a folder holding several models.
     """
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    try:
+        Settings(demo=False).with_options(options)
+    except SettingsError as exc:
+        raise RegistryError(str(exc)) from None
     target = Path(path).expanduser().resolve()
     if not target.exists():
         raise RegistryError(f"{target}: no such file or folder")
@@ -99,7 +108,7 @@ def add(home: Path, path: str | os.PathLike[str], name: str | None = None, *,
                                 f"shimmy remove {entry_name} first, or choose another --name")
         if Path(entry.path) == target:
             raise RegistryError(f"{target} is already registered as {entry.name!r}")
-    entry = Entry(entry_name, str(target), int(time.time()))
+    entry = Entry(entry_name, str(target), int(time.time()), options)
     _save(home, [*entries, entry])
     return entry, [model_id for model_id, _ in repo_names(entry_name, found).values()]
 

@@ -45,7 +45,10 @@ IGNORED_FIELDS = frozenset({"model", "stream", "stream_options", "user", "metada
 # Settings that change what the server answers to the same request (the enabled server-side
 # tools too: with one enabled, a model's text-protocol call runs instead of staying text).
 OUTPUT_SETTINGS = ("ctx_size", "max_ctx", "max_tokens_ceiling", "gpu_layers", "device", "dtype", "batch_size",
-                   "batch_invariant", "reasoning_budget", "enable_tools", "tool_max_steps")
+                   "batch_invariant", "reasoning_budget", "enable_tools", "tool_max_steps",
+                   # the context per slot depends on the slots; flash attention, the KV cache types
+                   # and experts kept off the repacked CPU buffers change the numbers
+                   "parallel", "moe_offload", "flash_attn", "cache_type_k", "cache_type_v")
 # Entries larger than this (as JSON) are not stored.
 MAX_ENTRY_BYTES = 8 * 1024 * 1024
 _WARN_EVERY_S = 60.0
@@ -106,6 +109,7 @@ def cache_key(kind: str, body: dict, info: ModelInfo, backend: str, settings: Se
         "model": model_identity(info),
         "backend": backend,
         "settings": {name: str(getattr(settings, name, None)) for name in OUTPUT_SETTINGS},
+        "model_settings": _canonical(info.extra.get("model_settings") or {}),  # shimmy add --ctx-size ...
         "request": request,
     }
     text = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

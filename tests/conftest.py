@@ -137,6 +137,109 @@ def safetensors_model_path(smollm2_path) -> Path:
     return cached_safetensors_model(smollm2_path)
 
 
+# ------------------------------------------------------------------ the Mixture-of-Experts test models
+MOE_RECIPE = 1  # bump when build_moe_model changes
+LLAMA_CPP_PYTHON = "0.3.36"  # whose sdist's vendor/llama.cpp converts the MoE model to GGUF
+
+
+def _fingerprint(folder: Path) -> str:
+    """Content of a model folder's small files and the sizes of its weights."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes() if path.stat().st_size < (8 << 20) else str(path.stat().st_size).encode())
+    return digest.hexdigest()
+
+
+def _atomic_build(folder: Path, ready: str, build) -> Path:
+    """``build(tmp)`` into a temporary sibling of ``folder``, renamed into place; ``ready`` names
+    the file that says a folder is complete (another session may finish first)."""
+    if (folder / ready).exists():
+        return folder
+    building = folder.parent / f".building-{os.getpid()}-{folder.name}"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    try:
+        build(building)
+        try:
+            building.rename(folder)
+        except OSError:
+            if not (folder / ready).exists():
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return folder
+
+
+def llama_cpp_converter() -> Path:
+    """``convert_hf_to_gguf.py`` with its ``conversion`` package and ``gguf-py`` from
+    llama-cpp-python's source distribution (downloaded once with pip, about 75 MB)."""
+    import tarfile
+
+    def build(out: Path) -> None:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(out)], check=True, timeout=900)
+        [sdist] = out.glob("llama_cpp_python-*.tar.gz")
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+        with tarfile.open(sdist) as tar:
+            members = []
+            for m in tar.getmembers():
+                rest = m.name[len(prefix):] if m.name.startswith(prefix) else None
+                if rest is not None and (rest == "convert_hf_to_gguf.py" or rest.startswith(("conversion/", "gguf-py/"))):
+                    m.name = rest
+                    members.append(m)
+            tar.extractall(out, members=members, filter="data")
+        sdist.unlink()
+
+    return _atomic_build(safetensors_cache_root() / f"llama-cpp-python-{LLAMA_CPP_PYTHON}-converter",
+                         "convert_hf_to_gguf.py", build)
+
+
+def build_moe_model(tokenizer_from: Path, out: Path) -> None:
+    """A tiny random Mixtral (2 layers, 4 experts of which 2 per token, hidden size 64) with
+    SmolLM2's tokenizer and chat template, as SafeTensors."""
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                           tie_word_embeddings=False)
+    MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+
+
+def cached_moe_models(tokenizer_from: Path) -> tuple[Path, Path]:
+    """(SafeTensors folder, GGUF file) of the MoE test model, built once (about 2 minutes, most of
+    it downloading llama-cpp-python's sdist) and cached under a key of the recipe, the versions of
+    transformers and llama-cpp-python and the tokenizer's folder."""
+    key = hashlib.sha256(json.dumps([MOE_RECIPE, importlib.metadata.version("transformers"), LLAMA_CPP_PYTHON,
+                                     _fingerprint(tokenizer_from)]).encode()).hexdigest()[:16]
+    root = safetensors_cache_root() / f"moe-{key}"
+
+    def build(out: Path) -> None:
+        converter = llama_cpp_converter()
+        build_moe_model(tokenizer_from, out / "tiny-mixtral")
+        subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(out / "tiny-mixtral"),
+                        "--outtype", "f16", "--outfile", str(out / "tiny-mixtral.gguf")],
+                       env={**os.environ, "PYTHONPATH": str(converter / "gguf-py")}, check=True,
+                       capture_output=True, timeout=900)
+
+    _atomic_build(root, "tiny-mixtral.gguf", build)
+    return root / "tiny-mixtral", root / "tiny-mixtral.gguf"
+
+
+@pytest.fixture(scope="session")
+def moe_models(safetensors_model_path) -> tuple[Path, Path]:
+    """The tiny random Mixtral as (SafeTensors folder, GGUF file); see :func:`cached_moe_models`."""
+    if importlib.util.find_spec("sentencepiece") is None:
+        pytest.skip("converting the MoE test model needs sentencepiece: pip install -e '.[test]'")
+    return cached_moe_models(safetensors_model_path)
+
+
 class ServerProcess:
     """`shimmy serve` in a subprocess; knows its URL and its output."""
 
@@ -313,12 +416,13 @@ def validate(openai_spec):
 
 
 def open_stream(server, model: str = MODEL_ID, messages: list | None = None) -> "socket.socket":
-    """A raw streaming request that would run for 4000 tokens (end of turn banned); returns the
-    socket once tokens flow.  It bypasses the response cache and sends a real Host."""
+    """A raw streaming request that would run for 1900 tokens (end of turn banned; the demo model's
+    slots hold 2048 tokens); returns the socket once tokens flow.  It bypasses the response cache
+    and sends a real Host."""
     import socket
 
     body = json.dumps({
-        "model": model, "stream": True, "max_tokens": 4000, "temperature": 0,
+        "model": model, "stream": True, "max_tokens": 1900, "temperature": 0,
         "messages": messages or [{"role": "user", "content": "Write a very long story."}], "logit_bias": {"2": -100},
     }).encode()
     host, port = server.base.removeprefix("http://").rsplit(":", 1)

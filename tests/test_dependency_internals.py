@@ -36,6 +36,7 @@ CHAT_TEMPLATE = "shimmy_core/chat_template.py"
 DISK_CACHE = "plugins/caches/disk_cache.py"
 GGUF = "plugins/backends/gguf/gguf_backend.py"
 GGUF_ENGINE = "plugins/backends/gguf/gguf_engine.py"
+GGUF_PLACEMENT = "plugins/backends/gguf/gguf_placement.py"
 PLUGIN_MANAGER = "shimmy_core/plugin_manager.py"
 SCHEMAS = "shimmy_core/tools/schemas.py"
 GRAMMAR = "plugins/backends/gguf/gbnf.py"
@@ -516,7 +517,8 @@ def test_llama_cpp_sampler_chain():
 LLAMA_FUNCTIONS = {
     "llama_model_default_params": (GGUF, 0),
     "llama_context_default_params": (GGUF, 0),
-    "llama_supports_gpu_offload": (GGUF, 0),
+    "llama_supports_gpu_offload": (GGUF_PLACEMENT, 0),
+    "llama_max_devices": (GGUF_PLACEMENT, 0),
     "llama_n_ctx_seq": (GGUF, 1),
     "llama_get_memory": (GGUF_ENGINE, 1),
     "llama_batch_init": (GGUF_ENGINE, 3),
@@ -555,14 +557,14 @@ def test_llama_cpp_param_struct_fields():
     """The fields of llama_model_params and llama_context_params that GGUFBackend.load sets."""
     import llama_cpp
 
-    assert isinstance(getattr(llama_cpp, "LLAMA_FLASH_ATTN_TYPE_DISABLED", None), int), (
-        f"{GGUF} relies on llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED")
+    for name in ("LLAMA_FLASH_ATTN_TYPE_DISABLED", "LLAMA_FLASH_ATTN_TYPE_ENABLED", "LLAMA_FLASH_ATTN_TYPE_AUTO"):
+        assert isinstance(getattr(llama_cpp, name, None), int), f"{GGUF_PLACEMENT} relies on llama_cpp.{name}"
     model_fields = {name for name, _ in llama_cpp.llama_model_params._fields_}
-    for field in ("n_gpu_layers", "use_extra_bufts"):
-        assert field in model_fields, f"{GGUF} relies on llama_cpp.llama_model_params.{field}"
+    for field in ("n_gpu_layers", "use_extra_bufts", "tensor_buft_overrides", "main_gpu", "tensor_split"):
+        assert field in model_fields, f"{GGUF_PLACEMENT} relies on llama_cpp.llama_model_params.{field}"
     context_fields = {name for name, _ in llama_cpp.llama_context_params._fields_}
     for field in ("n_ctx", "n_batch", "n_ubatch", "n_seq_max", "kv_unified", "n_threads", "n_threads_batch",
-                  "no_perf", "flash_attn_type"):
+                  "no_perf", "flash_attn_type", "type_k", "type_v"):
         assert field in context_fields, f"{GGUF} relies on llama_cpp.llama_context_params.{field}"
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = 0x7FFFFFFF
@@ -572,6 +574,25 @@ def test_llama_cpp_param_struct_fields():
     cparams.kv_unified = False
     cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     assert cparams.kv_unified is False and cparams.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+
+
+def test_tensor_buffer_type_overrides():
+    """llama-cpp-python leaves tensor_buft_overrides unused; gguf_placement fills it with its own
+    array of (pattern, buffer type) and ggml's CPU buffer type, found in the library llama_cpp ships."""
+    import ctypes
+
+    import llama_cpp
+
+    from shimmy_plugins.backends.gguf.gguf_placement import ExpertOverrides, cpu_buffer_type
+
+    assert cpu_buffer_type(), f"{GGUF_PLACEMENT} relies on ggml_backend_cpu_buffer_type in llama_cpp/lib"
+    overrides = ExpertOverrides(2, 4)
+    mparams = llama_cpp.llama_model_default_params()
+    overrides.apply(mparams)
+    assert mparams.tensor_buft_overrides == ctypes.addressof(overrides.array)
+    assert overrides.array[0].pattern == rb"blk\.(0|1)\.ffn_(up|down|gate|gate_up)_exps"
+    assert overrides.array[1].pattern is None and not overrides.array[1].buft  # the terminator
+    assert llama_cpp.llama_max_tensor_buft_overrides() >= 2
 
 
 def test_llama_cpp_batch_fields():

@@ -134,7 +134,8 @@ def codex_server(start_server, smollm2_path):
     """SmolLM2 with answers capped at 64 tokens: Codex sends no output limit and samples at the
     default temperature, so the tiny model may ramble on to the end of its context (minutes of
     CPU) and the turn then ends incomplete, which Codex reports as a failed turn."""
-    srv = start_server(["--model", str(smollm2_path), "--no-demo", "--max-tokens-ceiling", "64"])
+    srv = start_server(["--model", str(smollm2_path), "--no-demo", "--max-tokens-ceiling", "64",
+                         "--parallel", "1", "--ctx-size", "8192"])  # Codex sends about 5,800 prompt tokens
     httpx.get(srv.base + "/health", timeout=30).raise_for_status()
     return srv
 

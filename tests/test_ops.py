@@ -307,8 +307,9 @@ class Counting:
         return Loaded(model.id, self.log)
 
 
-def manager(**overrides) -> tuple[ModelManager, Counting]:
-    backend = Counting()
+def manager(backend: Counting | None = None, devices=None, **overrides) -> tuple[ModelManager, Counting]:
+    """A manager over one backend (a fresh ``Counting`` by default); ``devices`` as ModelManager takes it."""
+    backend = backend or Counting()
 
     class Plugin:
         @hookimpl
@@ -319,7 +320,7 @@ def manager(**overrides) -> tuple[ModelManager, Counting]:
     settings = Settings.load({"demo": False}, {}).replace(**overrides)
     from shimmy_core.lifecycle import Lifecycle
 
-    return ModelManager(pm, build_registry(pm, settings), settings, Lifecycle(1.0)), backend
+    return ModelManager(pm, build_registry(pm, settings), settings, Lifecycle(1.0), devices=devices), backend
 
 
 def info(name: str) -> ModelInfo:

@@ -70,7 +70,8 @@ class RegisteredModels:
                                                   f"(shimmy remove {entry.name} forgets it)", self.name,
                                                   "missing", entry.name))
                 continue
-            add_named(result, self.scanner.path(target), entry.name, self.name)
+            add_named(result, self.scanner.path(target), entry.name, self.name,
+                      extra={"model_settings": dict(entry.options)} if entry.options else None)
         return result
 
 

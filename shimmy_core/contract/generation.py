@@ -82,6 +82,16 @@ class ModelLoadError(BackendError):
     """The model file could not be loaded."""
 
 
+class InsufficientMemory(ModelLoadError):
+    """A model does not fit the memory that is free, even with the idle models unloaded; it was
+    refused before anything was allocated.  The message has the numbers.  Dialects answer 507
+    (Insufficient Storage); one that does not know this error answers it as a ModelLoadError."""
+
+    def __init__(self, message: str, plan: object = None):
+        super().__init__(message)
+        self.plan = plan
+
+
 class Overloaded(BackendError):
     """Every slot is busy and the queue is full (503 with ``Retry-After``), or a request
     waited in the queue past its deadline (``timed_out``)."""

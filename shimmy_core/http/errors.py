@@ -15,7 +15,7 @@ import traceback
 import falcon
 
 from shimmy_core.contract.dialect import HTTPRefusal
-from shimmy_core.contract.generation import BackendError, Overloaded
+from shimmy_core.contract.generation import BackendError, InsufficientMemory, Overloaded
 from shimmy_core.http.routes import RouteTable
 
 log = logging.getLogger("shimmy")
@@ -39,7 +39,8 @@ def neutral_error(exc: BaseException) -> BaseException:
 def plain_error(exc: BaseException) -> tuple[int, dict[str, str], dict]:
     """The envelope of paths no dialect claims (every dialect plugin disabled)."""
     exc = neutral_error(exc)
-    status = exc.status if isinstance(exc, HTTPRefusal) else 503 if isinstance(exc, Overloaded) else 500
+    status = (exc.status if isinstance(exc, HTTPRefusal) else 503 if isinstance(exc, Overloaded)
+              else 507 if isinstance(exc, InsufficientMemory) else 500)
     headers = exc.headers if isinstance(exc, HTTPRefusal) else {}
     return status, headers, {"error": {"message": str(exc), "code": getattr(exc, "code", None)}}
 

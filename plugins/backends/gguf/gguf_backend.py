@@ -26,8 +26,10 @@ from shimmy_core.plugin_api import (
     GenerationRequest,
     hookimpl,
     InvalidRequest,
+    MemoryFacts,
     ModelLoadError,
     OutputFormat,
+    Plan,
     PreparedPrompt,
     PromptBuilder,
     SamplingParams,
@@ -38,6 +40,8 @@ from shimmy_plugins.backends.gguf.gbnf import after_reasoning, compile_output
 from shimmy_plugins.backends.gguf.gguf_embedding import GGUFEmbeddingModel, load_embedding_model
 from shimmy_plugins.backends.gguf.gguf_engine import Engine
 from shimmy_plugins.backends.gguf.gguf_format import GGUFFormat
+from shimmy_plugins.backends.gguf.gguf_header import GGUFError
+from shimmy_plugins.backends.gguf.gguf_placement import check_attention, context_attention, memory_facts, model_params
 
 GRAMMAR_CACHE = 64   # compiled output formats kept per model
 
@@ -62,41 +66,47 @@ class GGUFBackend:
             return "GGUF models need llama-cpp-python: pip install llama-cpp-python"
         return None
 
-    def load(self, model, settings) -> "GGUFModel | GGUFEmbeddingModel":
+    def memory_facts(self, model, settings) -> MemoryFacts:
+        """What the model needs in memory (the core's planner decides from it)."""
+        import llama_cpp
+
+        try:
+            return memory_facts(model.path, settings, gpu_capable=bool(llama_cpp.llama_supports_gpu_offload()))
+        except (GGUFError, OSError) as exc:
+            raise ModelLoadError(f"could not read the GGUF header of {model.id!r}: {exc}") from exc
+
+    def load(self, model, settings, plan: Plan | None = None) -> "GGUFModel | GGUFEmbeddingModel":
+        """Load ``model`` as ``plan`` places it (None: every layer where llama.cpp can, the
+        context from the settings alone)."""
         import llama_cpp
         from llama_cpp._internals import LlamaContext, LlamaModel
         from llama_cpp._logger import set_verbose
 
         set_verbose(False)  # llama.cpp's load log is noise; errors still reach stderr
-
-        mparams = llama_cpp.llama_model_default_params()
-        gpu_layers = settings.gpu_layers
-        if gpu_layers < 0:
-            gpu_layers = -1 if llama_cpp.llama_supports_gpu_offload() else 0
-        mparams.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
-        # llama.cpp repacks some weight types for its CPU kernels (Q4_0, Q4_K, IQ4_NL, MXFP4 on
-        # AVX2); their 4-row kernel rounds unlike the 1-row one, so a stream's numbers change
-        # once 4 streams share a step.  Unrepacked, every row is computed alike
-        # (--batch-invariant; the engine then also cuts prompts at fixed positions).
-        mparams.use_extra_bufts = not settings.batch_invariant
+        check_attention(settings)
+        mparams, keep = model_params(llama_cpp, settings, plan)
         try:
             lmodel = LlamaModel(path_model=model.path, params=mparams, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"could not load GGUF model {model.id!r}: {exc}") from exc
         if model.kind != CHAT:  # an embedding or rerank model: a pooling context, no chat engine
             return load_embedding_model(model, settings, lmodel, engine_threads)
-        per_slot = settings.ctx_size or min(model.context_length or lmodel.n_ctx_train() or 4096, settings.max_ctx)
-        slots = max(1, settings.parallel)
+        if plan is not None:
+            per_slot, slots = plan.ctx_per_slot, plan.slots
+        else:
+            per_slot = settings.ctx_size or min(model.context_length or lmodel.n_ctx_train() or 4096, settings.max_ctx)
+            slots = max(1, settings.parallel)
         threads, batch_threads = engine_threads(settings.threads)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = per_slot * slots
         cparams.n_batch = cparams.n_ubatch = min(settings.batch_size, per_slot)
         cparams.n_seq_max = slots
-        cparams.kv_unified = False  # each slot gets its own per_slot window
+        # Each slot gets its own KV stream of per_slot cells: in one unified stream a sequence's
+        # cells land between the others', and its greedy text changes with them (bench/kv_layout.py)
+        cparams.kv_unified = False
         cparams.n_threads, cparams.n_threads_batch = threads, batch_threads
         cparams.no_perf = True
-        # Flash attention changes the numerics of every step; SmolLM2's greedy output drifts with it.
-        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        context_attention(llama_cpp, cparams, settings, plan)
         try:
             ctx = LlamaContext(model=lmodel, params=cparams, verbose=False)
         except ValueError as exc:
@@ -104,8 +114,10 @@ class GGUFBackend:
             raise ModelLoadError(f"could not create a context for {model.id!r}: {exc}") from exc
         engine = Engine(lmodel, ctx, n_slots=slots, n_batch=cparams.n_batch, queue_size=settings.queue_size,
                         queue_timeout=settings.queue_timeout, invariant=settings.batch_invariant)
-        return GGUFModel(lmodel, ctx, engine, llama_cpp.llama_n_ctx_seq(ctx.ctx), settings.max_tokens_ceiling,
-                         hints=model.extra)
+        loaded = GGUFModel(lmodel, ctx, engine, llama_cpp.llama_n_ctx_seq(ctx.ctx), settings.max_tokens_ceiling,
+                           hints=model.extra)
+        loaded.pinned = keep  # the override array and the split: llama.cpp holds pointers into them
+        return loaded
 
 
 class GGUFModel(ChoicesModel):

@@ -206,6 +206,7 @@ class GGUFHeader:
     metadata: dict[str, object]
     file_size: int
     parameter_count: int | None
+    tensors: tuple[tuple[str, int], ...] = ()  # (name, bytes) of each tensor, with keep_tensors=True
 
     def _str(self, key: str) -> str | None:
         value = self.metadata.get(key)
@@ -462,10 +463,11 @@ def _alignment(metadata: dict[str, object]) -> int:
     return value
 
 
-def _read_tensor_infos(cur: _Cursor, tensor_count: int, alignment: int) -> int:
+def _read_tensor_infos(cur: _Cursor, tensor_count: int, alignment: int,
+                       sizes: list[tuple[str, int]] | None = None) -> int:
     """Walk the tensor-info table; check each tensor's data lies inside the file.
 
-    Returns the total number of elements over all tensors.
+    Returns the total number of elements over all tensors; appends (name, bytes) of each to ``sizes``.
     """
     total_elements = 0
     data_end = 0  # end of the furthest tensor, relative to the data section
@@ -490,6 +492,8 @@ def _read_tensor_infos(cur: _Cursor, tensor_count: int, alignment: int) -> int:
             if n_dims and dims[0] % block_elements:
                 raise GGUFError(f"tensor {name!r} rows do not fill whole blocks")
             nbytes = elements // block_elements * block_bytes
+        if sizes is not None:
+            sizes.append((name, nbytes))
         if offset + nbytes > data_end:
             data_end = offset + nbytes
             last_name = name
@@ -499,7 +503,8 @@ def _read_tensor_infos(cur: _Cursor, tensor_count: int, alignment: int) -> int:
     return total_elements
 
 
-def parse_gguf_header(f: BinaryIO, *, max_metadata_bytes: int = 64 * 1024 * 1024) -> GGUFHeader:
+def parse_gguf_header(f: BinaryIO, *, max_metadata_bytes: int = 64 * 1024 * 1024,
+                      keep_tensors: bool = False) -> GGUFHeader:
     """Parse the GGUF header of the seekable binary stream ``f`` (from offset 0).
 
     Reads and skips at most ``max_metadata_bytes`` past the fixed 24-byte
@@ -526,18 +531,20 @@ def parse_gguf_header(f: BinaryIO, *, max_metadata_bytes: int = 64 * 1024 * 1024
     cur.require(kv_count * _MIN_KV_BYTES + tensor_count * _MIN_TENSOR_INFO_BYTES)
 
     metadata = _read_metadata(cur, kv_count)
-    total_elements = _read_tensor_infos(cur, tensor_count, _alignment(metadata))
+    sizes: list[tuple[str, int]] | None = [] if keep_tensors else None
+    total_elements = _read_tensor_infos(cur, tensor_count, _alignment(metadata), sizes)
     return GGUFHeader(
         version=version,
         tensor_count=tensor_count,
         metadata=metadata,
         file_size=size,
         parameter_count=total_elements if tensor_count else None,
+        tensors=tuple(sizes or ()),
     )
 
 
 def read_gguf_header(
-    path: str | os.PathLike[str], *, max_metadata_bytes: int = 64 * 1024 * 1024
+    path: str | os.PathLike[str], *, max_metadata_bytes: int = 64 * 1024 * 1024, keep_tensors: bool = False
 ) -> GGUFHeader:
     """Read the header of the GGUF file at ``path`` (see :func:`parse_gguf_header`).
 
@@ -548,7 +555,7 @@ def read_gguf_header(
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise GGUFError("not a regular file")
     with open(path, "rb") as f:
-        return parse_gguf_header(f, max_metadata_bytes=max_metadata_bytes)
+        return parse_gguf_header(f, max_metadata_bytes=max_metadata_bytes, keep_tensors=keep_tensors)
 
 
 def is_gguf(path: str | os.PathLike[str]) -> bool:

@@ -72,7 +72,14 @@ class SafeTensorsBackend:
             return f"SafeTensors models need {', '.join(missing)} (not installed here): {PIP_FIX}"
         return None
 
-    def load(self, model, settings):
+    def memory_facts(self, model, settings):
+        """What the model needs in memory, in the dtype it will load as (imports torch)."""
+        check_folder(model.path)
+        from shimmy_plugins.backends.safetensors.safetensors_model import memory_facts
+
+        return memory_facts(model, settings)
+
+    def load(self, model, settings, plan=None):
         check_folder(model.path)
         if model.kind != CHAT:  # an encoder or a cross-encoder
             from shimmy_plugins.backends.safetensors.safetensors_embedding import load_embedding_model
@@ -80,7 +87,9 @@ class SafeTensorsBackend:
             return load_embedding_model(model, settings)
         from shimmy_plugins.backends.safetensors.safetensors_model import load
 
-        return load(model, settings)
+        if plan is not None:
+            settings = settings.replace(ctx_size=plan.ctx_per_slot, parallel=plan.slots)
+        return load(model, settings, plan)
 
 
 @hookimpl

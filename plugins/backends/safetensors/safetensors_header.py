@@ -56,6 +56,7 @@ class SafeTensorsHeader:
     dtypes: dict[str, int] = field(default_factory=dict)  # dtype -> parameters stored in it
     metadata: dict[str, str] = field(default_factory=dict)
     file_size: int = 0
+    tensors: tuple[tuple[str, str, int], ...] = ()  # (name, dtype, elements) with keep_tensors=True
 
     @property
     def main_dtype(self) -> str | None:
@@ -91,7 +92,7 @@ def _check_entry(name: str, entry: object, data_size: int) -> tuple[str, int]:
 
 
 def read_safetensors_header(
-    path: str | os.PathLike[str], *, max_header_bytes: int = MAX_HEADER_BYTES
+    path: str | os.PathLike[str], *, max_header_bytes: int = MAX_HEADER_BYTES, keep_tensors: bool = False
 ) -> SafeTensorsHeader:
     """Read and check the header of the SafeTensors file at ``path``; never reads tensor data."""
     if not stat.S_ISREG(os.stat(path).st_mode):
@@ -123,13 +124,17 @@ def read_safetensors_header(
         raise SafeTensorsError("__metadata__ is not an object")
     data_size = size - 8 - length
     dtypes: Counter[str] = Counter()
+    kept = []
     for name, entry in doc.items():
         dtype, elements = _check_entry(name, entry, data_size)
         dtypes[dtype] += elements
+        if keep_tensors:
+            kept.append((name, dtype, elements))
     return SafeTensorsHeader(
         tensor_names=tuple(doc),
         parameter_count=sum(dtypes.values()),
         dtypes=dict(dtypes),
         metadata={str(k): str(v) for k, v in meta.items()},
         file_size=size,
+        tensors=tuple(kept),
     )

@@ -47,6 +47,7 @@ from shimmy_core.plugin_api import (
 )
 from shimmy_plugins.backends.safetensors.safetensors_constraints import OutputConstraints
 from shimmy_plugins.backends.safetensors.safetensors_format import config_context_length
+from shimmy_plugins.backends.safetensors.safetensors_placement import device_map, max_memory
 from shimmy_plugins.backends.safetensors.safetensors_engine import BatchEngine, EngineError, Job, Ticket
 from shimmy_plugins.backends.safetensors.safetensors_text import IncrementalDecoder, TokenPieces
 
@@ -162,17 +163,29 @@ def _read_json(path: Path) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
-def load(info, settings) -> "SafeTensorsModel":
+def memory_facts(info, settings):
+    from shimmy_plugins.backends.safetensors.safetensors_placement import memory_facts as facts
+
+    folder = Path(info.path)
+    config = _read_json(folder / "config.json")
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device, config)
+    return facts(info.path, config, torch.empty((), dtype=dtype).element_size(),
+                 info.context_length or config_context_length(config), settings, gpu_capable=device.type == "cuda")
+
+
+def load(info, settings, plan=None) -> "SafeTensorsModel":
     folder = Path(info.path)
     generation = _read_json(folder / "generation_config.json")
-    tokenizer, model, device, config = load_pretrained(info, settings, "AutoModelForCausalLM")
+    tokenizer, model, device, config = load_pretrained(info, settings, "AutoModelForCausalLM", plan)
     return SafeTensorsModel(info, model, tokenizer, device, settings, config=config, generation=generation)
 
 
-def load_pretrained(info, settings, auto_class: str) -> tuple[Any, Any, torch.device, dict]:
+def load_pretrained(info, settings, auto_class: str, plan=None) -> tuple[Any, Any, torch.device, dict]:
     """``(tokenizer, model, device, config)`` of a model folder, the model loaded with the
     transformers class ``auto_class`` (``AutoModelForCausalLM``, ``AutoModel``...) on the device
-    and dtype the settings pick, SafeTensors weights only, no custom code, no network."""
+    and dtype the settings pick, placed as ``plan`` says (the memory planner's; None: all on the
+    device), SafeTensors weights only, no custom code, no network."""
     import transformers
     from transformers import AutoTokenizer
 
@@ -192,7 +205,11 @@ def load_pretrained(info, settings, auto_class: str) -> tuple[Any, Any, torch.de
             dtype_arg = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
             kwargs[dtype_arg] = dtype
             placed = device.type != "cpu" and importlib.util.find_spec("accelerate") is not None
-            if placed:
+            mapping = device_map(plan, str(device)) if placed and plan is not None else None
+            if mapping is not None:  # the plan splits the model: layers and experts partly in CPU memory
+                kwargs["device_map"], kwargs["max_memory"] = mapping, max_memory(plan)
+                device = torch.device(mapping["model.embed_tokens"])  # where the input ids go
+            elif placed:
                 kwargs["device_map"] = {"": str(device)}
             model = getattr(transformers, auto_class).from_pretrained(str(folder), **kwargs)
             if not placed:

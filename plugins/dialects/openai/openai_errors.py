@@ -7,6 +7,7 @@ import math
 from shimmy_core.plugin_api import (
     BackendUnavailable,
     HTTPRefusal,
+    InsufficientMemory,
     InvalidRequest,
     ModelLoadError,
     ModelNotFound,
@@ -26,6 +27,7 @@ _STATUS_TYPE = {
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
+    507: "server_error",
 }
 
 
@@ -87,6 +89,8 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(503, str(exc), type="server_error", code=code, headers=retry)
     if isinstance(exc, BackendUnavailable):
         return APIError(503, str(exc), code="backend_unavailable")
+    if isinstance(exc, InsufficientMemory):
+        return APIError(507, str(exc), code="insufficient_memory")
     if isinstance(exc, ModelLoadError):
         return APIError(500, str(exc), code="model_load_failed")
     if isinstance(exc, HTTPRefusal):
