@@ -116,7 +116,6 @@ class Plan:
     n_experts: int = 0
     given_up: tuple[str, ...] = ()  # what was reduced to fit, in words
     notes: tuple[str, ...] = ()
-    flash_attn: str = "auto"       # what the placement implies for flash attention (on/off/auto)
 
     def use(self, device: str) -> DeviceUse:
         return next((u for u in self.uses if u.device == device), DeviceUse(device))
