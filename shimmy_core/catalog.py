@@ -233,10 +233,15 @@ def _name(found: list[ModelInfo]) -> tuple[dict[str, ModelInfo], dict[str, str],
     return models, aliases, notes
 
 
+def _limit(entry: "_Entry", default: float) -> float:
+    """Seconds ``entry`` may stay unused: a request's keep-alive, else the server's."""
+    return default if entry.keep_alive is None else entry.keep_alive
+
+
 class _Entry:
     """One loaded model and who holds it."""
 
-    __slots__ = ("info", "model", "leases", "last_used", "plan")
+    __slots__ = ("info", "model", "leases", "last_used", "plan", "keep_alive")
 
     def __init__(self, info: ModelInfo, model: LoadedModel, plan: Plan | None = None):
         self.info = info
@@ -244,6 +249,7 @@ class _Entry:
         self.leases = 0                  # requests holding the model right now
         self.last_used = time.monotonic()
         self.plan = plan                 # where the planner put it (None: a backend without memory facts)
+        self.keep_alive: float | None = None  # a request's keep-alive for this model (None: --keep-alive)
 
     def bytes_on(self, device: str) -> int:
         """What this model holds on ``device``: its plan's figures, else its file size in CPU memory."""
@@ -445,8 +451,27 @@ class ModelManager:
         with self._guard:
             entry.leases -= 1
             entry.last_used = time.monotonic()
-        if entry.leases == 0 and self._settings.keep_alive == 0:
+        if entry.leases == 0 and 0 in (self._settings.keep_alive, entry.keep_alive):
             self._wake.set()
+
+    def keep_alive(self, info: ModelInfo, seconds: float) -> bool:
+        """How long ``info`` stays loaded once unused, from now on (a request's keep-alive, as
+        Ollama's ``keep_alive``; negative: until evicted).  0 unloads it at once when it is idle,
+        else as soon as its last request ends.  False when it is not loaded."""
+        with self._guard:
+            entry = self._entries.get(info.path)
+            if entry is None:
+                return False
+            entry.keep_alive = seconds
+            idle_now = seconds == 0 and entry.leases == 0
+            if idle_now:
+                del self._entries[info.path]
+        if idle_now:
+            self._unload((info.path, entry), "on request (keep-alive 0)")
+        elif seconds >= 0:
+            self._start_reaper(force=True)
+            self._wake.set()
+        return True
 
     def _generate_choices(self, generate: Callable, choices, cancelled: Callable[[], bool]):
         """``generate_choices`` of a lease: while the request waits for a slot, a drain cancels it
@@ -503,8 +528,8 @@ class ModelManager:
                 lock.release()
         print(f"shimmy: unloaded {entry.info.id} {why}", file=sys.stderr, flush=True)
 
-    def _start_reaper(self) -> None:
-        if self._settings.keep_alive < 0 or self._reaper is not None or self._closed.is_set():
+    def _start_reaper(self, force: bool = False) -> None:
+        if (self._settings.keep_alive < 0 and not force) or self._reaper is not None or self._closed.is_set():
             return
         with self._guard:
             if self._reaper is None:
@@ -513,7 +538,7 @@ class ModelManager:
 
     def _reap_forever(self) -> None:
         keep_alive = self._settings.keep_alive
-        interval = 1.0 if keep_alive == 0 else min(max(keep_alive / 4, 0.05), 5.0)
+        interval = 1.0 if keep_alive <= 0 else min(max(keep_alive / 4, 0.05), 5.0)
         while not self._closed.is_set():
             self._wake.wait(interval)
             self._wake.clear()
@@ -522,11 +547,12 @@ class ModelManager:
             now = time.monotonic()
             with self._guard:
                 expired = [(k, e) for k, e in self._entries.items()
-                           if e.leases == 0 and now - e.last_used >= keep_alive]
+                           if e.leases == 0 and 0 <= _limit(e, keep_alive) <= now - e.last_used]
                 for key, _ in expired:
                     del self._entries[key]
             for victim in expired:
-                self._unload(victim, f"after {keep_alive:g} s unused (--keep-alive)")
+                limit = _limit(victim[1], keep_alive)
+                self._unload(victim, f"after {limit:g} s unused ({'--keep-alive' if victim[1].keep_alive is None else 'its keep-alive'})")
 
     # ------------------------------------------------------------ reporting
     def loaded_paths(self) -> list[str]:

@@ -110,3 +110,23 @@ def test_errors(server, client):
     refused = httpx.post(server.base + "/api/chat", json={"model": MODEL_ID, "messages": HI, "stream": False,
                                                             "options": {"repeat_penalty": 1.2}})
     assert refused.status_code == 400 and set(refused.json()) == {"error"}
+
+
+def test_keep_alive_zero_unloads(client):
+    """Ollama's "unload now" (no prompt, keep_alive 0), and a request whose keep_alive 0 unloads
+    its model as soon as it is answered."""
+    import time
+
+    def loaded() -> set[str]:
+        return {m.model for m in client.ps().models}
+
+    client.generate(model=MODEL_ID, prompt="", keep_alive="5m")  # load ahead of use
+    assert MODEL_ID in loaded()
+    assert client.generate(model=MODEL_ID, prompt="", keep_alive=0).done_reason == "unload"
+    assert MODEL_ID not in loaded()
+    assert client.chat(model=MODEL_ID, messages=HI, options=FAST, keep_alive=0).message.content
+    deadline = time.monotonic() + 30
+    while MODEL_ID in loaded() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert MODEL_ID not in loaded()
+    assert client.chat(model=MODEL_ID, messages=HI, options=FAST).message.content  # loads again

@@ -124,7 +124,7 @@ def test_errors(ollama):
     assert_error(post(ollama, "/api/chat", model=MODEL, messages=HI, options={"bogus": 1}), 400, "bogus")
     assert_error(post(ollama, "/api/chat", model=MODEL, messages=HI, format={"type": 5}), 400, "Schema")
     assert_error(post(ollama, "/api/generate", model=MODEL, prompt="x", template="{{ .Prompt }}"), 400, "template")
-    assert_error(post(ollama, "/api/generate", model=MODEL, keep_alive=0), 400, "--keep-alive")
+    assert_error(post(ollama, "/api/generate", model=MODEL, keep_alive="soon"), 400, "keep_alive")
     assert_error(post(ollama, "/api/embed", model=MODEL, input="x"), 400, "chat model")
     assert_error(post(ollama, "/api/pull", model="llama3"), 501, "ollama pull")
     assert_error(ollama.simulate_delete("/api/delete", json={"model": MODEL}), 501, "shimmy remove")

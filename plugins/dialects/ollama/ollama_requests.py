@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -332,3 +333,26 @@ def generate_request(body: dict, info: ModelInfo) -> ParsedRequest:
     prompt = GenerationRequest(messages=tuple(messages), params=params, reasoning=reasoning(body.get("think")))
     return ParsedRequest(kind="chat", model=info.id, prompts=(prompt,), n=1, stream=stream, include_usage=True,
                          echo=False, tools=tool_request(None, schema))
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: Any) -> float | None:
+    """A request's ``keep_alive`` in seconds, as Ollama reads it: a number of seconds or a Go
+    duration (``"5m"``, ``"1h30m"``, ``"0"``); negative: keep the model loaded.  None: not given."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    sign, rest = (-1.0, text[1:]) if text.startswith("-") else (1.0, text)
+    parts = _DURATION_PART.findall(rest)
+    if not parts or "".join(n + u for n, u in parts) != rest:
+        raise bad_request(f"invalid keep_alive {value!r}: use seconds or a duration such as \"5m\"")
+    return sign * sum(float(n) * _DURATION_SECONDS[u] for n, u in parts)

@@ -103,7 +103,10 @@ class GenerateResource:
             parsed = requests.chat_request(body, info, self.server.settings.max_messages)
         else:
             parsed = requests.generate_request(body, info)
+        keep_alive = requests.keep_alive_seconds(body.get("keep_alive"))
         model_id, events = self.generation.begin(req, parsed, body)
+        if keep_alive is not None:  # from now on; 0: unloaded as soon as this request ends
+            self.server.manager.keep_alive(info, keep_alive)
         reply = Reply(self.chat, model_id, started, time.perf_counter())
         if not parsed.stream:
             with contextlib.closing(events):
@@ -116,12 +119,17 @@ class GenerateResource:
 
     def _load_only(self, body: dict, info: ModelInfo, resp: falcon.Response) -> None:
         """No prompt: Ollama's way to load a model ahead of use."""
-        if body.get("keep_alive") in (0, "0", "0s", "0m"):
-            raise bad_request("Shimmy does not unload a model on request; it unloads models on its own "
-                              "(shimmy serve --keep-alive SECONDS, --max-loaded-models N)")
-        lease = self.server.manager.get(info)
-        del lease
-        body_out: dict = {"model": info.id, "created_at": now_iso(), "done": True, "done_reason": "load"}
+        keep_alive = requests.keep_alive_seconds(body.get("keep_alive"))
+        if keep_alive == 0:  # Ollama's "unload now"
+            self.server.manager.keep_alive(info, 0)
+            reason = "unload"
+        else:
+            lease = self.server.manager.get(info)
+            del lease
+            if keep_alive is not None:
+                self.server.manager.keep_alive(info, keep_alive)
+            reason = "load"
+        body_out: dict = {"model": info.id, "created_at": now_iso(), "done": True, "done_reason": reason}
         body_out.update({"message": {"role": "assistant", "content": ""}} if self.chat else {"response": ""})
         resp.media = body_out
 
