@@ -22,6 +22,17 @@ TORCH ?= torch==2.13.0
 
 .PHONY: serve test bench clean
 
+# Serving the GGUF demo model needs neither torch nor the test tools: `make serve` installs
+# only what serving needs (the SafeTensors extra is one pip command away, and `make test`
+# installs everything).
+SERVE_STAMP := $(VENV)/.installed-serve
+
+$(SERVE_STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -e '.[demo]'
+	touch $(SERVE_STAMP)
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
@@ -29,7 +40,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[demo,test,safetensors]'
 	touch $(STAMP)
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(BIN)/shimmy serve
 
 test: $(STAMP)
