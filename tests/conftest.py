@@ -150,55 +150,6 @@ def _fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_build(folder: Path, ready: str, build) -> Path:
-    """``build(tmp)`` into a temporary sibling of ``folder``, renamed into place; ``ready`` names
-    the file that says a folder is complete (another session may finish first)."""
-    if (folder / ready).exists():
-        return folder
-    building = folder.parent / f".building-{os.getpid()}-{folder.name}"
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
-    try:
-        build(building)
-        try:
-            building.rename(folder)
-        except OSError:
-            if not (folder / ready).exists():
-                raise
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    return folder
-
-
-def llama_cpp_converter() -> Path:
-    """``convert_hf_to_gguf.py`` with its ``conversion`` package and ``gguf-py`` from the source
-    distribution of the installed llama-cpp-python (``SHIMMY_LLAMA_CPP_SDIST`` names a downloaded
-    tarball; else pip downloads it once, about 75 MB).  The folder is the one the embedding test
-    models use (``tests/embedding_models.py`` on main), so the two share one download."""
-    import tarfile
-    import tempfile
-
-    version = importlib.metadata.version("llama-cpp-python")
-
-    def build(out: Path) -> None:
-        sdist = os.environ.get("SHIMMY_LLAMA_CPP_SDIST")
-        with tempfile.TemporaryDirectory() as tmp:
-            if not sdist:
-                subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
-                                "--no-deps", f"llama-cpp-python=={version}", "-d", tmp], check=True, timeout=900)
-                sdist = str(next(Path(tmp).glob("llama_cpp_python-*.tar.gz")))
-            prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-            with tarfile.open(sdist) as tar:
-                wanted = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
-                    m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith(
-                        (prefix + "conversion/", prefix + "gguf-py/gguf/")))]
-                for member in wanted:
-                    member.name = member.name[len(prefix):]
-                tar.extractall(out, members=wanted, filter="data")
-
-    return _atomic_build(safetensors_cache_root() / f"llama-cpp-convert-{version}", "convert_hf_to_gguf.py", build)
-
-
 def build_moe_model(tokenizer_from: Path, out: Path) -> None:
     """A tiny random Mixtral (2 layers, 4 experts of which 2 per token, hidden size 64) with
     SmolLM2's tokenizer and chat template, as SafeTensors."""
@@ -225,17 +176,13 @@ def cached_moe_models(tokenizer_from: Path) -> tuple[Path, Path]:
                                      _fingerprint(tokenizer_from)]).encode()).hexdigest()[:16]
     root = safetensors_cache_root() / f"moe-{key}"
 
-    def build(out: Path) -> None:
-        converter = llama_cpp_converter()
-        build_moe_model(tokenizer_from, out / "tiny-mixtral")
-        result = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(out / "tiny-mixtral"),
-                                 "--outtype", "f16", "--outfile", str(out / "tiny-mixtral.gguf")],
-                                env={**os.environ, "PYTHONPATH": str(converter / "gguf-py"), "NO_LOCAL_GGUF": ""},
-                                capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
-            raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    from tests.embedding_models import cached_build, convert
 
-    _atomic_build(root, "tiny-mixtral.gguf", build)
+    def build(out: Path) -> None:
+        build_moe_model(tokenizer_from, out / "tiny-mixtral")
+        convert(safetensors_cache_root(), out / "tiny-mixtral", out / "tiny-mixtral.gguf")
+
+    cached_build(root, "tiny-mixtral.gguf", build)
     return root / "tiny-mixtral", root / "tiny-mixtral.gguf"
 
 
@@ -324,19 +271,15 @@ def npm_install(package: str, version: str, binary: str, min_size: int = 0) -> P
     npm = shutil.which("npm")
     if npm is None:
         pytest.skip(f"npm is not installed: {package} comes from the npm registry")
+    from tests.embedding_models import cached_build
+
     root = safetensors_cache_root() / f"{package.rsplit('/', 1)[-1]}-{version}"
     found = root / binary
-    if not found.is_file() or found.stat().st_size < min_size:
-        building = root.with_name(f".building-{os.getpid()}-{root.name}")
-        shutil.rmtree(building, ignore_errors=True)
-        building.mkdir(parents=True)
-        try:
-            subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(building), f"{package}@{version}"],
-                           check=True, timeout=900, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            shutil.rmtree(root, ignore_errors=True)
-            building.rename(root)
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
+    if found.is_file() and found.stat().st_size < min_size:
+        shutil.rmtree(root, ignore_errors=True)  # an install whose postinstall never ran
+    cached_build(root, binary, lambda out: subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--prefix", str(out), f"{package}@{version}"],
+        check=True, timeout=900, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     return found
 
 

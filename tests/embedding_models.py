@@ -36,7 +36,7 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps([RECIPE, *parts], default=str).encode()).hexdigest()[:16]
 
 
-def _cached(folder: Path, done: str, build: Callable[[Path], None]) -> Path:
+def cached_build(folder: Path, done: str, build: Callable[[Path], None]) -> Path:
     """``folder`` (complete when ``done`` is in it), built into a temporary sibling and renamed."""
     if (folder / done).exists():
         return folder
@@ -72,12 +72,14 @@ def minilm_folder(root: Path) -> Path:
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(out / MINILM)
 
-    return _cached(root / f"minilm-{_key(version, archive.stat().st_size)}", MINILM + "/modules.json", build) / MINILM
+    return cached_build(root / f"minilm-{_key(version, archive.stat().st_size)}", MINILM + "/modules.json", build) / MINILM
 
 
 def converter(root: Path) -> Path:
     """llama.cpp's converter (``convert_hf_to_gguf.py`` with its ``conversion`` and ``gguf-py``
-    packages) from the sdist of the installed llama-cpp-python."""
+    packages) from the sdist of the installed llama-cpp-python (``SHIMMY_LLAMA_CPP_SDIST`` names a
+    downloaded tarball; else pip downloads it once, about 75 MB).  Every GGUF test model made by
+    conversion (MiniLM, the reranker, the MoE model of conftest.py) shares it."""
     version = importlib.metadata.version("llama-cpp-python")
 
     def build(out: Path) -> None:
@@ -85,7 +87,7 @@ def converter(root: Path) -> Path:
         with tempfile.TemporaryDirectory() as tmp:
             if not sdist:
                 subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
-                                "--no-deps", f"llama-cpp-python=={version}", "-d", tmp], check=True, timeout=600)
+                                "--no-deps", f"llama-cpp-python=={version}", "-d", tmp], check=True, timeout=900)
                 sdist = str(next(Path(tmp).glob("llama_cpp_python-*.tar.gz")))
             prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
             with tarfile.open(sdist) as tar:
@@ -96,14 +98,14 @@ def converter(root: Path) -> Path:
                     member.name = member.name[len(prefix):]
                 tar.extractall(out, members=wanted, filter="data")
 
-    return _cached(root / f"llama-cpp-convert-{version}", "convert_hf_to_gguf.py", build)
+    return cached_build(root / f"llama-cpp-convert-{version}", "convert_hf_to_gguf.py", build)
 
 
 def convert(root: Path, folder: Path, out: Path, outtype: str = "f16") -> None:
     tool = converter(root)
     env = {**os.environ, "PYTHONPATH": str(tool / "gguf-py"), "NO_LOCAL_GGUF": ""}
     result = subprocess.run([sys.executable, str(tool / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(out),
-                             "--outtype", outtype], capture_output=True, text=True, env=env, timeout=600)
+                             "--outtype", outtype], capture_output=True, text=True, env=env, timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
 
@@ -112,7 +114,7 @@ def minilm_gguf(root: Path) -> Path:
     folder = minilm_folder(root)
     version = importlib.metadata.version("llama-cpp-python")
     name = f"{MINILM}.f16.gguf"
-    return _cached(root / f"minilm-gguf-{_key(version, str(folder))}", name,
+    return cached_build(root / f"minilm-gguf-{_key(version, str(folder))}", name,
                    lambda out: convert(root, folder, out / name)) / name
 
 
@@ -132,7 +134,7 @@ def build_reranker(tokenizer_from: Path, out: Path) -> None:
 def reranker_folder(root: Path) -> Path:
     minilm = minilm_folder(root)
     key = _key(importlib.metadata.version("transformers"), str(minilm))
-    return _cached(root / f"reranker-{key}", RERANKER + "/config.json",
+    return cached_build(root / f"reranker-{key}", RERANKER + "/config.json",
                    lambda out: build_reranker(minilm, out / RERANKER)) / RERANKER
 
 
@@ -140,5 +142,5 @@ def reranker_gguf(root: Path) -> Path:
     folder = reranker_folder(root)
     name = f"{RERANKER}.f32.gguf"
     version = importlib.metadata.version("llama-cpp-python")
-    return _cached(root / f"reranker-gguf-{_key(version, str(folder))}", name,
+    return cached_build(root / f"reranker-gguf-{_key(version, str(folder))}", name,
                    lambda out: convert(root, folder, out / name, "f32")) / name
