@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import falcon
 
 from shimmy_core.contract.dialect import HTTPRefusal
-from shimmy_core.http.routes import RouteTable
+from shimmy_core.http.routes import OTHER, RouteTable
 from shimmy_core.lifecycle import Lifecycle, ShuttingDown
 from shimmy_core import streams
 
@@ -110,8 +110,9 @@ class RequestLog:
         if not hasattr(req.context, "started"):  # pragma: no cover - process_request always runs first
             return
         resp.set_header("X-Request-Id", req.context.request_id)
-        route = self.routes.label(req.path)
-        if self.routes.is_generation(req.path):
+        matched = self.routes.match(req.path)
+        route = matched.label if matched is not None else OTHER
+        if matched is not None and matched.generation:
             resp.set_header("X-Shimmy-Cache", getattr(req.context, "cache", "miss"))
         status = resp.status_code if hasattr(resp, "status_code") else int(str(resp.status).split()[0])
         if resp.stream is not None:

@@ -1,7 +1,7 @@
 """The server's routes: who added each one, which run generations and which need no key.
 
 The core adds ``/health`` and ``/metrics``; every other route comes from an API dialect
-(``shimmy_register_dialects``).  The middleware asks this table for a path's metrics label,
+(``shimmy_register_dialects``).  The middleware asks this table for a path's route: its metrics label,
 whether it is a generation route (it gets the ``X-Shimmy-Cache`` header) and whether it is
 open (never behind ``--api-key``); the error handler asks which dialect answers a path's errors.
 """
@@ -79,10 +79,6 @@ class RouteTable:
         """A bounded label for metrics: the route's template, or ``other``."""
         route = self.match(path)
         return route.label if route is not None else OTHER
-
-    def is_generation(self, path: str) -> bool:
-        route = self.match(path)
-        return route is not None and route.generation
 
     def is_open(self, path: str) -> bool:
         route = self.match(path)

@@ -166,10 +166,6 @@ class ToolPlan:
                                 max_calls=MAX_PARALLEL_CALLS if several else 1)
         return self.answer
 
-    def tool_index(self, name: str) -> int:
-        """Where the request's ``tools`` list has the tool ``name``."""
-        return next((t.index for t in self.request.tools if t.name == name), 0)
-
     def step_request(self, base: GenerationRequest, messages: list[dict], choice: str, native: bool,
                      text_tools: bool) -> GenerationRequest:
         """The request for one step of the conversation."""
