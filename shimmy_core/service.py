@@ -143,7 +143,7 @@ class CompletionService:
         if parsed.tools is None:
             return None
         try:
-            plan = ToolPlan(parsed.tools, self.tools, parsed.n, parsed.prompts[0].params.output)
+            plan = ToolPlan(parsed.tools, self.tools, parsed.n)
         except ToolRequestError as exc:
             raise InvalidRequest(str(exc), param=exc.param, code=exc.code) from None
         return plan if plan.active else None

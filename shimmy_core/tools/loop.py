@@ -113,10 +113,9 @@ def with_tool_calls(chunks: Iterable[tuple[int, Chunk]], make_parser: Callable[[
 class ToolPlan:
     """What one request does with tools (see the module docstring)."""
 
-    def __init__(self, request: ToolRequest, toolbox: ToolBox, n: int, answer: OutputFormat | None):
+    def __init__(self, request: ToolRequest, toolbox: ToolBox, n: int):
         self.toolbox = toolbox
         self.request = request
-        self.answer = answer   # the answer's format (response_format), when no call is forced
         self.definitions: dict[str, dict] = {}
         for tool in request.tools:
             self.definitions[tool.name] = self._definition(tool)
@@ -164,7 +163,7 @@ class ToolPlan:
             several = choice == "required" and self.request.parallel is True
             return OutputFormat(answer=answer if choice == "auto" else None, calls=calls,
                                 max_calls=MAX_PARALLEL_CALLS if several else 1)
-        return self.answer
+        return OutputFormat(answer=answer) if answer is not None else None
 
     def step_request(self, base: GenerationRequest, messages: list[dict], choice: str, native: bool,
                      text_tools: bool) -> GenerationRequest:
