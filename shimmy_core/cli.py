@@ -64,6 +64,19 @@ def _add_placement_flags(parser: argparse.ArgumentParser, *, per_model: bool = F
         parser.add_argument("--parallel", type=int, help="sequences generated at once (slots)")
 
 
+def _bounded(low: float, high: float | None, kind: type = float):
+    """An argparse type: a number of ``kind`` between ``low`` and ``high`` (None: no upper bound)."""
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value != value or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is outside {low}..{high if high is not None else 'any'}")
+        return value
+    return convert
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shimmy",
@@ -103,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
                        help="SafeTensors models: weight dtype (default auto)")
     serve.add_argument("--max-tokens-ceiling", type=int, help="most tokens one choice may generate (default 4096)")
+    serve.add_argument("--temp", "--temperature", dest="temperature", type=_bounded(0, 2), metavar="T",
+                       help="temperature of requests that set none (default: each API's own, 1.0 for OpenAI "
+                            "and Anthropic, 0.8 for Ollama)")
+    serve.add_argument("--top-p", type=_bounded(0, 1), metavar="P", help="top_p of requests that set none")
+    serve.add_argument("--top-k", type=_bounded(0, None, int), metavar="K",
+                       help="top_k of requests that set none (0: off)")
+    serve.add_argument("--min-p", type=_bounded(0, 1), metavar="P", help="min_p of requests that set none (0: off)")
     serve.add_argument("--request-timeout", type=float, help="wall-clock limit of one generation in seconds")
     # Response cache and operations (docs/configuration.md, docs/operations.md)
     serve.add_argument("--cache", metavar="NAME",

@@ -50,6 +50,11 @@ class Settings:
     device: str = "auto"                  # SafeTensors backend: auto, cpu, cuda, mps
     dtype: str = "auto"                   # SafeTensors backend: auto, float32, float16, bfloat16
     max_tokens_ceiling: int = 4096        # server-side cap on generated tokens per choice
+    # Sampling for requests that leave it out (llama-server's --temp, --top-p, ...); negative: the API's own default
+    temperature: float = -1.0
+    top_p: float = -1.0
+    top_k: int = -1
+    min_p: float = -1.0
     max_n: int = 16                       # most choices per request
     request_timeout: float = 300.0        # wall-clock deadline of one generation, seconds
     max_body_bytes: int = 4 * 1024 * 1024
@@ -86,6 +91,13 @@ class Settings:
     tool_timeout: float = 30.0            # seconds one tool run may take
     disable_plugins: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        for name, high in (("temperature", 2.0), ("top_p", 1.0), ("min_p", 1.0), ("top_k", float("inf"))):
+            value = getattr(self, name)
+            if not (value < 0 or value <= high):  # negative: not given; NaN is refused too
+                raise SettingsError(f"{name} {value} is outside 0..{high:g} (--{name.replace('_', '-')}, "
+                                    f"SHIMMY_{name.upper()})")
+
     @classmethod
     def load(cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
         """Flags (``overrides``, ``None`` meaning "not given") win over ``SHIMMY_<NAME>`` variables."""
@@ -119,6 +131,12 @@ class Settings:
                 raise SettingsError(f"--model-alias {name!r} maps to both {table[name]!r} and {target!r}")
             table[name] = target
         return table
+
+    def sampling_defaults(self) -> dict[str, float]:
+        """The server's ``--temp``/``--top-p``/``--top-k``/``--min-p`` that were given, by their request
+        names: a request that leaves one out samples with it instead of its API's own default."""
+        given = {name: getattr(self, name) for name in ("temperature", "top_p", "top_k", "min_p")}
+        return {name: value for name, value in given.items() if value >= 0}
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -11,6 +11,7 @@ Code send beta fields); unknown block types are refused.
 from __future__ import annotations
 
 import json
+from typing import Mapping
 
 from jsonschema import Draft202012Validator
 
@@ -231,8 +232,10 @@ def _reasoning(body: dict) -> ReasoningOptions | None:
     return ReasoningOptions(effort, budget)
 
 
-def parse_request(body: dict, max_tokens_ceiling: int, counting: bool = False) -> ParsedRequest:
-    """Validate a Messages body (``counting``: a count_tokens body) into the neutral request.
+def parse_request(body: dict, max_tokens_ceiling: int, counting: bool = False,
+                  defaults: Mapping[str, float] = {}) -> ParsedRequest:
+    """Validate a Messages body (``counting``: a count_tokens body) into the neutral request;
+    ``defaults``: the server's sampling defaults (``Settings.sampling_defaults``) for what it leaves out.
 
     ``max_tokens`` above the server's ceiling is taken as the ceiling (every answer is capped
     there anyway), so that clients asking for a large budget (Claude Code asks for 32,000) are
@@ -255,9 +258,10 @@ def parse_request(body: dict, max_tokens_ceiling: int, counting: bool = False) -
     requested = body.get("max_tokens")
     params = SamplingParams(
         max_tokens=min(int(requested), max_tokens_ceiling) if requested is not None else 1,
-        temperature=float(body.get("temperature", 1.0)),
-        top_p=float(body.get("top_p", 1.0)),
-        top_k=int(body.get("top_k", 0)),
+        temperature=float(body.get("temperature", defaults.get("temperature", 1.0))),
+        top_p=float(body.get("top_p", defaults.get("top_p", 1.0))),
+        top_k=int(body.get("top_k", defaults.get("top_k", 0))),
+        min_p=float(defaults.get("min_p", 0.0)),
         stop=stops,
     )
     return ParsedRequest(

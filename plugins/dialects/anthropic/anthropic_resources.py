@@ -32,7 +32,7 @@ class MessagesResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = _body(req, self.server)
-        parsed = parse_request(body, self.server.settings.max_tokens_ceiling)
+        parsed = parse_request(body, self.server.settings.max_tokens_ceiling, defaults=self.server.settings.sampling_defaults())
         req.context.model = parsed.model
         model_id, events = self.generation.begin(req, parsed, body)
         builder = MessageBuilder(model_id, parsed.prompts[0].params.stop)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any
+from typing import Any, Mapping
 
 import jsonschema
 from jsonschema import Draft202012Validator
@@ -194,8 +194,10 @@ def answer_schema(fmt) -> Any:
     return fmt
 
 
-def sampling(options: dict | None, info: ModelInfo | None, schema) -> SamplingParams:
-    """``options`` over the model's Modelfile parameters over Ollama's defaults."""
+def sampling(options: dict | None, info: ModelInfo | None, schema,
+             defaults: Mapping[str, float] = {}) -> SamplingParams:
+    """``options`` over the model's Modelfile parameters over the server's ``defaults``
+    (``--temp``, ``--top-p``, ...) over Ollama's defaults."""
     options = dict(options or {})
     for name in sorted(options):
         if name in IGNORED_OPTIONS or name in _OPTIONS["properties"]:
@@ -209,7 +211,7 @@ def sampling(options: dict | None, info: ModelInfo | None, schema) -> SamplingPa
             raise bad_request(f"option {name} is not supported by Shimmy's backends; leave it out or set it to "
                               f"{neutral}{hint}")
     modelfile = dict((info.extra.get("options") or {}) if info is not None else {})
-    chosen = {**OLLAMA_DEFAULTS, **{k: v for k, v in modelfile.items() if k in OLLAMA_DEFAULTS}}
+    chosen = {**OLLAMA_DEFAULTS, **defaults, **{k: v for k, v in modelfile.items() if k in OLLAMA_DEFAULTS}}
     chosen.update({k: v for k, v in options.items() if k in OLLAMA_DEFAULTS})
     stop = options.get("stop", ())
     stops = (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
@@ -291,7 +293,7 @@ def tool_request(tools: list[dict] | None, schema) -> ToolRequest:
     return ToolRequest(tuple(requested), "auto" if requested else "none", None, None, None, schema)
 
 
-def chat_request(body: dict, info: ModelInfo, max_messages: int) -> ParsedRequest:
+def chat_request(body: dict, info: ModelInfo, max_messages: int, defaults: Mapping[str, float] = {}) -> ParsedRequest:
     """A checked ``/api/chat`` body with at least one message, for the model ``info``."""
     messages = body["messages"]
     if len(messages) > max_messages:
@@ -299,14 +301,14 @@ def chat_request(body: dict, info: ModelInfo, max_messages: int) -> ParsedReques
                           "(SHIMMY_MAX_MESSAGES)")
     refuse_images(body, messages)
     schema = answer_schema(body.get("format"))
-    params = sampling(body.get("options"), info, schema)
+    params = sampling(body.get("options"), info, schema, defaults)
     prompt = GenerationRequest(messages=tuple(neutral_messages(messages)), params=params,
                                reasoning=reasoning(body.get("think")))
     return ParsedRequest(kind="chat", model=info.id, prompts=(prompt,), n=1, stream=body.get("stream") is not False,
                          include_usage=True, echo=False, tools=tool_request(body.get("tools"), schema))
 
 
-def generate_request(body: dict, info: ModelInfo) -> ParsedRequest:
+def generate_request(body: dict, info: ModelInfo, defaults: Mapping[str, float] = {}) -> ParsedRequest:
     """A checked ``/api/generate`` body with a prompt: through the model's chat template (with
     ``system``), or as it is with ``raw``.  ``template`` (a Go template) and ``suffix`` (fill in
     the middle) are refused; ``context`` (the tokens of an earlier answer) too."""
@@ -320,7 +322,7 @@ def generate_request(body: dict, info: ModelInfo) -> ParsedRequest:
         raise bad_request("context is not supported: Shimmy does not return or take token contexts; "
                           "use /api/chat with the conversation's messages")
     schema = answer_schema(body.get("format"))
-    params = sampling(body.get("options"), info, schema)
+    params = sampling(body.get("options"), info, schema, defaults)
     stream = body.get("stream") is not False
     if body.get("raw"):
         if body.get("system"):

@@ -99,10 +99,11 @@ class GenerateResource:
         if not (body.get("messages") if self.chat else body.get("prompt")):
             self._load_only(body, info, resp)
             return
+        defaults = self.server.settings.sampling_defaults()
         if self.chat:
-            parsed = requests.chat_request(body, info, self.server.settings.max_messages)
+            parsed = requests.chat_request(body, info, self.server.settings.max_messages, defaults)
         else:
-            parsed = requests.generate_request(body, info)
+            parsed = requests.generate_request(body, info, defaults)
         keep_alive = requests.keep_alive_seconds(body.get("keep_alive"))
         model_id, events = self.generation.begin(req, parsed, body)
         if keep_alive is not None:  # from now on; 0: unloaded as soon as this request ends

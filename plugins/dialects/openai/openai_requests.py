@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Mapping
 
 from jsonschema import Draft202012Validator
 
@@ -291,8 +292,9 @@ def finite(body: dict, name: str, default: float) -> float:
     return float(value)
 
 
-def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
-    """Validate ``body`` (already JSON-decoded) for ``kind`` ("chat" or "completion")."""
+def parse_request(kind: str, body: dict, max_n: int, defaults: Mapping[str, float] = {}) -> ParsedRequest:
+    """Validate ``body`` (already JSON-decoded) for ``kind`` ("chat" or "completion"); ``defaults``:
+    the server's sampling defaults (``Settings.sampling_defaults``) for what the body leaves out."""
     check_body(_VALIDATORS[kind], body)
     stream = bool(body.get("stream") or False)
     options = body.get("stream_options")
@@ -325,10 +327,10 @@ def parse_request(kind: str, body: dict, max_n: int) -> ParsedRequest:
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=finite(body, "temperature", 1.0),
-        top_p=finite(body, "top_p", 1.0),
-        top_k=int(body.get("top_k") or 0),
-        min_p=finite(body, "min_p", 0.0),
+        temperature=finite(body, "temperature", defaults.get("temperature", 1.0)),
+        top_p=finite(body, "top_p", defaults.get("top_p", 1.0)),
+        top_k=int(body["top_k"] if body.get("top_k") is not None else defaults.get("top_k", 0)),
+        min_p=finite(body, "min_p", defaults.get("min_p", 0.0)),
         stop=stops,
         seed=body.get("seed"),
         presence_penalty=finite(body, "presence_penalty", 0.0),

@@ -65,7 +65,7 @@ class GenerationResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body = parse_json(read_body(req, self.settings.max_body_bytes))
-        parsed = parse_request(self.kind, body, self.settings.max_n)
+        parsed = parse_request(self.kind, body, self.settings.max_n, self.settings.sampling_defaults())
         req.context.model = parsed.model
         if self.kind == "chat" and len(body["messages"]) > self.settings.max_messages:
             raise invalid(f"Too many messages: {len(body['messages'])}; this server accepts at most "

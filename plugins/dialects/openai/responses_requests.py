@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from jsonschema import Draft202012Validator
 
@@ -405,9 +405,11 @@ def _refuse_unsupported(body: dict) -> None:
             raise invalid(f"'{key}' is not supported by this server: {why}.", param=key, code="unsupported_value")
 
 
-def parse_responses_request(body: dict, context: list[dict], count_only: bool = False) -> ResponsesRequest:
+def parse_responses_request(body: dict, context: list[dict], count_only: bool = False,
+                            defaults: Mapping[str, float] = {}) -> ResponsesRequest:
     """Validate ``body``; ``context`` is the stored conversation ``previous_response_id`` names
-    (its input and output items), already looked up by the caller."""
+    (its input and output items), already looked up by the caller; ``defaults``: the server's
+    sampling defaults (``Settings.sampling_defaults``) for what the body leaves out."""
     check_body(_COUNT if count_only else _CREATE, body)
     _refuse_unsupported(body)
     for key in ("max_output_tokens", "top_logprobs"):
@@ -430,8 +432,10 @@ def parse_responses_request(body: dict, context: list[dict], count_only: bool = 
     logprobs = "message.output_text.logprobs" in include
     params = SamplingParams(
         max_tokens=body.get("max_output_tokens"),
-        temperature=finite(body, "temperature", 1.0),
-        top_p=finite(body, "top_p", 1.0),
+        temperature=finite(body, "temperature", defaults.get("temperature", 1.0)),
+        top_p=finite(body, "top_p", defaults.get("top_p", 1.0)),
+        top_k=int(defaults.get("top_k", 0)),
+        min_p=defaults.get("min_p", 0.0),
         logprobs=logprobs,
         top_logprobs=(body.get("top_logprobs") or 0) if logprobs else 0,
     )

@@ -55,7 +55,7 @@ class _Parsing:
 
     def parse(self, req: falcon.Request, count_only: bool = False) -> tuple[dict, ResponsesRequest]:
         body = parse_json(read_body(req, self.settings.max_body_bytes))
-        request = parse_responses_request(body, self.context(body), count_only)
+        request = parse_responses_request(body, self.context(body), count_only, self.settings.sampling_defaults())
         req.context.model = request.parsed.model
         count = len(request.parsed.prompts[0].messages or ())
         if count > self.settings.max_messages:
