@@ -47,6 +47,14 @@ class Shimmy:
         if self.metrics is None:
             self.metrics = Metrics(self.manager)
 
+    def warm_up(self) -> None:
+        """What the first requests would otherwise wait for, once the server answers (the start
+        itself imports them): the full JSON Schema check of the tools nobody enabled (jsonschema),
+        the metrics registry (prometheus_client) and the chat-template engine (Jinja)."""
+        self.tools.check_schemas()
+        self.metrics.apply()
+        import shimmy_core.chat_template  # noqa: F401
+
     def close(self) -> None:
         try:
             self.manager.close()

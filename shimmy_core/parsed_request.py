@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shimmy_core.contract.generation import GenerationRequest
-from shimmy_core.tools.loop import ToolRequest
+from shimmy_core.tools.requested import ToolRequest
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ that their module lists name every module of the core, and that no import cycle 
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import tomllib
@@ -82,3 +83,27 @@ def test_a_light_start():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
+def test_a_start_puts_off_what_the_first_requests_need(smollm2_path, tmp_path):
+    """Building the server over the demo model (what `shimmy serve` does before it answers)
+    imports no JSON Schema validator, template engine, metrics library or model runtime; the
+    warm-up that runs once the server answers brings in the first three (bench/ready_bench.py)."""
+    code = (
+        "import sys\n"
+        "from shimmy_core.cli import _parser, _settings\n"
+        "from shimmy_core.app import build, create_app\n"
+        f"shimmy = build(_settings(_parser().parse_args(['serve', '--model', {str(smollm2_path)!r}, '--no-demo'])))\n"
+        "create_app(shimmy)\n"
+        "assert [m.id for m in shimmy.catalog.list()] == ['SmolLM2-135M-Instruct.Q4_1']\n"
+        "LATER = ('jsonschema', 'jinja2', 'prometheus_client', 'regex', 'sqlite3', 'llama_cpp', 'torch')\n"
+        "print(sorted(m for m in LATER if m in sys.modules))\n"
+        "shimmy.warm_up()\n"
+        "print(sorted(m for m in LATER if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "SHIMMY_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, after = r.stdout.strip().splitlines()[-2:]
+    assert before == "[]", before
+    assert after == "['jinja2', 'jsonschema', 'prometheus_client']", after

@@ -132,6 +132,36 @@ def test_hook_shimmy_register_tools_runs_a_python_tool_with_validated_arguments(
     assert long.output.endswith("[truncated at 20000 characters]")
 
 
+class _BrokenSchema:
+    name = "broken"
+    description = "Its parameters are not a JSON Schema."
+    parameters = {"type": "object", "properties": {"n": {"type": 7}}}
+
+    def run(self, arguments):  # pragma: no cover - never runs
+        return "ran"
+
+
+class _BrokenPlugin:
+    @hookimpl
+    def shimmy_register_tools(self, register):
+        register(_BrokenSchema())
+
+
+def test_a_plugin_tool_with_a_broken_schema_is_set_aside_not_fatal(tmp_path):
+    """A start checks only what it must (the references of every tool, the full schema of the
+    tools it enables); the rest is checked after it (Shimmy.warm_up): a broken plugin tool nobody
+    enabled is then shown as unavailable, and enabling it stops the start with the reason."""
+    box = toolbox(tmp_path, ("broken", _BrokenPlugin()))
+    assert not box.get("broken").checked and box.get("broken").reason is None
+    box.check_schemas()
+    assert "parameters: invalid JSON Schema at /properties/n/type" in box.get("broken").reason
+    assert box.get("calculator").checked and box.get("calculator").reason is None
+    rows = {row["name"]: row for row in toolbox(tmp_path, ("broken", _BrokenPlugin())).listing()}
+    assert "invalid JSON Schema" in rows["broken"]["unavailable_reason"]  # GET /v1/tools and `shimmy tools`
+    with pytest.raises(ToolConfigError, match="tool 'broken' from broken: parameters: invalid JSON Schema"):
+        toolbox(tmp_path, ("broken", _BrokenPlugin()), enable_tools=("broken",))
+
+
 @pytest.mark.timeout(60)
 def test_a_catastrophic_pattern_cannot_hang_validation():
     schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^(a|aa)+$"}},

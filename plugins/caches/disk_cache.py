@@ -8,7 +8,7 @@ value that is not bytes or text, so this cache hands it JSON bytes and a
 readable by the user only.  Every failure (a read-only or full disk, a lock held
 too long, a corrupt entry or database) is a miss, never an error; a database
 that SQLite cannot open is replaced, and SQLite's journal repairs what a crash
-interrupted.  diskcache is imported only when the cache opens.
+interrupted.  diskcache (and sqlite3) are imported only when the cache opens.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import stat
 import threading
 import time
@@ -91,6 +90,8 @@ class DiskCache:
                 raise PermissionError(f"{self.directory} is readable by other users (mode {mode:o}): "
                                       "chmod 700 it or choose another --cache-dir")
             os.chmod(self.directory, 0o700)
+        import sqlite3
+
         try:
             cache = self._connect()
             ok = cache._sql("PRAGMA quick_check").fetchall() == [("ok",)]
@@ -154,6 +155,8 @@ class DiskCache:
     def _trim(self) -> None:
         """Drop expired entries, then the oldest beyond ``max_entries`` (plain SQL on diskcache's
         table, whose triggers keep its totals right: no row is ever deserialised here)."""
+        import sqlite3
+
         con = sqlite3.connect(self.directory / DB_FILES[0], timeout=self.timeout, isolation_level=None)
         try:
             con.execute("DELETE FROM Cache WHERE expire_time IS NOT NULL AND expire_time < ?", (time.time(),))

@@ -124,22 +124,10 @@ class RequestLog:
         try:
             ctx = req.context
             elapsed = time.perf_counter() - ctx.started
-            m = self.metrics
-            m.requests.labels(route, req.method, str(status)).inc()
-            m.latency.labels(route).observe(elapsed)
             model = getattr(ctx, "model", None)
             usage = getattr(ctx, "usage", None)
             cache = getattr(ctx, "cache", None)
-            if cache == "hit":
-                m.cache_hits.inc()
-            elif cache == "miss" and status < 400:
-                m.cache_misses.inc()
-                if model and usage:
-                    m.prompt_tokens.labels(model).inc(usage[0])
-                    m.completion_tokens.labels(model).inc(usage[1])
-                ttft = getattr(ctx, "ttft", None)
-                if model and ttft is not None:
-                    m.ttft.labels(model).observe(ttft)
+            self.metrics.record(route, req.method, status, elapsed, model, usage, cache, getattr(ctx, "ttft", None))
             parts = [req.method, req.path, str(status)]
             if model:
                 parts.append(f"model={model}")

@@ -1,7 +1,8 @@
 """The checks every dialect makes on a JSON request body, as neutral 400s.
 
 :func:`parse_json` decodes a body (malformed, non-object, NaN or too deeply nested JSON is refused),
-:func:`check_body` validates it against a dialect's JSON Schema and names the offending field,
+:func:`check_body` validates it against a dialect's JSON Schema (a :class:`BodySchema`, compiled
+on first use so that loading a dialect does not import jsonschema) and names the offending field,
 :func:`check_text` and :func:`check_strings` refuse text a tokenizer cannot take (NUL characters,
 lone surrogates).  Each raises :class:`~shimmy_core.contract.generation.InvalidRequest`, which the
 dialect owning the path renders in its error envelope.
@@ -10,13 +11,30 @@ dialect owning the path renders in its error envelope.
 from __future__ import annotations
 
 import json
-
-import jsonschema
+from typing import TYPE_CHECKING, Any, Iterator
 
 from shimmy_core.contract.generation import InvalidRequest
 from shimmy_core.tools.schemas import json_path
 
+if TYPE_CHECKING:  # pragma: no cover
+    import jsonschema
+
 MAX_DEPTH = 64
+
+
+class BodySchema:
+    """A request body's JSON Schema (Draft 2020-12), compiled into a validator on first use."""
+
+    def __init__(self, schema: dict[str, Any]):
+        self.schema = schema
+        self._validator: Any = None
+
+    def iter_errors(self, body: Any) -> Iterator["jsonschema.ValidationError"]:
+        if self._validator is None:
+            from jsonschema import Draft202012Validator
+
+            self._validator = Draft202012Validator(self.schema)  # two threads may both build it: harmless
+        return self._validator.iter_errors(body)
 
 
 def _reject_constant(name: str):
@@ -54,7 +72,7 @@ def _check_depth(value: object) -> None:
             stack.extend((v, depth + 1) for v in item)
 
 
-def _param_name(error: jsonschema.ValidationError) -> str | None:
+def _param_name(error: "jsonschema.ValidationError") -> str | None:
     path = list(error.absolute_path)
     if error.validator == "required":
         missing = error.message.split("'")[1] if "'" in error.message else None
@@ -68,7 +86,7 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _describe(error: jsonschema.ValidationError, param: str | None) -> str:
+def _describe(error: "jsonschema.ValidationError", param: str | None) -> str:
     where = f"'{param}'" if param else "the request"
     if error.validator == "required":
         return f"Missing required parameter: {where}."
@@ -79,9 +97,11 @@ def _describe(error: jsonschema.ValidationError, param: str | None) -> str:
     return f"Invalid value for {where}: {_short(error.message)}."
 
 
-def check_body(validator: jsonschema.protocols.Validator, body: dict) -> None:
+def check_body(validator: "BodySchema | jsonschema.protocols.Validator", body: dict) -> None:
     """Validate ``body`` with a dialect's schema validator; the best error is a 400 naming the field."""
-    error = jsonschema.exceptions.best_match(validator.iter_errors(body))
+    from jsonschema.exceptions import best_match
+
+    error = best_match(validator.iter_errors(body))
     if error is not None:
         param = _param_name(error)
         raise InvalidRequest(_describe(error, param), param=param, code="invalid_value" if param else None)

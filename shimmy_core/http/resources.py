@@ -8,7 +8,7 @@ import falcon
 from shimmy_core import __version__
 from shimmy_core.catalog import ModelManager
 from shimmy_core.lifecycle import RETRY_AFTER_SHUTDOWN_S, Lifecycle
-from shimmy_core.metrics import CONTENT_TYPE, Metrics
+from shimmy_core.metrics import Metrics
 
 
 class HealthResource:
@@ -32,5 +32,4 @@ class MetricsResource:
         self.metrics = metrics
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.content_type = CONTENT_TYPE
-        resp.data = self.metrics.render()
+        resp.data, resp.content_type = self.metrics.render()

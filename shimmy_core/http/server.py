@@ -174,6 +174,7 @@ def serve(shimmy: Shimmy, announce: Callable[[str], None] = print) -> int:
     host = shimmy.settings.host
     shown = f"[{host}]" if ":" in host else host
     announce(f"Shimmy is listening on http://{shown}:{server.effective_port}/v1")  # after the handlers
+    threading.Thread(target=shimmy.warm_up, name="shimmy-warm-up", daemon=True).start()
 
     def loop(timeout: float) -> None:
         server.asyncore.loop(timeout=timeout, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1)

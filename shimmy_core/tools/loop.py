@@ -33,6 +33,7 @@ from shimmy_core.contract.generation import (
     ToolExecuted,
 )
 from shimmy_core.tools import tool_prompts
+from shimmy_core.tools.requested import RequestedTool, ToolRequest
 from shimmy_core.tools.calls import TEXT_TOOL_CLOSE, ToolCallParser, new_call_id
 from shimmy_core.tools.toolbox import ToolBox
 from shimmy_core import streams
@@ -47,28 +48,6 @@ class ToolRequestError(ValueError):
         super().__init__(message)
         self.param = param
         self.code = code
-
-
-@dataclass(frozen=True)
-class RequestedTool:
-    """One entry of a request's ``tools``: a full definition, or a name to look up on the server."""
-
-    name: str
-    description: str | None = None
-    parameters: Any = None            # None: not given
-    index: int = 0
-
-
-@dataclass(frozen=True)
-class ToolRequest:
-    """The tool-related part of a validated chat request."""
-
-    tools: tuple[RequestedTool, ...] = ()
-    choice: str = "auto"              # "none" | "auto" | "required" | "function"
-    function: str | None = None       # the named function when choice is "function"
-    allowed: tuple[str, ...] | None = None   # tool_choice allowed_tools
-    parallel: bool | None = None      # parallel_tool_calls; only an explicit true lets a forced call be several
-    answer_schema: Any = None         # response_format json_schema's schema, or {"type": "object"}
 
 
 def cut_short(finish: str) -> str:

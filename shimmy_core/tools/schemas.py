@@ -9,19 +9,21 @@ Two things jsonschema does by default are wrong here:
   run Python's ``re``, which backtracks without limit: ``^(a|aa)+$`` against forty ``a`` and a
   ``!`` never returns.  Here they run on the ``regex`` module with a timeout, under one time
   budget per validation; a pattern that runs out of time is a validation error.
+
+jsonschema and regex are imported on first use: a server whose requests never meet a schema
+does not pay for them at start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import time
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-import jsonschema
-import regex
-from jsonschema import Draft202012Validator, ValidationError, validators
-from referencing import Registry
+if TYPE_CHECKING:  # pragma: no cover
+    from jsonschema import Draft202012Validator, ValidationError
 
 PATTERN_TIMEOUT_S = 0.1         # one regex search
 VALIDATION_BUDGET_S = 1.0       # all the regex searches of one validation
@@ -43,6 +45,9 @@ def pattern_search(pattern: str, text: str) -> bool:
         timeout = min(timeout, deadline - time.monotonic())
         if timeout <= 0:
             raise TimeoutError
+    import regex
+    from jsonschema import ValidationError
+
     try:
         return regex.search(pattern, text, timeout=timeout) is not None
     except regex.error as exc:
@@ -50,10 +55,14 @@ def pattern_search(pattern: str, text: str) -> bool:
 
 
 def _timed_out(pattern: str) -> ValidationError:
+    from jsonschema import ValidationError
+
     return ValidationError(f"the pattern {pattern!r} took too long to check (catastrophic backtracking?)")
 
 
 def _pattern(validator, pattern, instance, schema) -> Iterator[ValidationError]:
+    from jsonschema import ValidationError
+
     if not validator.is_type(instance, "string"):
         return
     try:
@@ -82,6 +91,8 @@ def _pattern_properties(validator, patterns, instance, schema) -> Iterator[Valid
 
 
 def _additional_properties(validator, additional, instance, schema) -> Iterator[ValidationError]:
+    from jsonschema import ValidationError
+
     if not validator.is_type(instance, "object"):
         return
     properties = schema.get("properties", {})
@@ -103,12 +114,17 @@ def _additional_properties(validator, additional, instance, schema) -> Iterator[
         yield ValidationError(f"Additional properties are not allowed ({', '.join(map(repr, sorted(extras)))} unexpected)")
 
 
-SafeValidator = validators.extend(
-    Draft202012Validator,
-    {"pattern": _pattern, "patternProperties": _pattern_properties, "additionalProperties": _additional_properties},
-)
+@functools.cache
+def _safe_validator() -> tuple[type, Any]:
+    """Draft 2020-12 with the timed pattern keywords, and the empty registry (nothing fetched)."""
+    from jsonschema import Draft202012Validator, validators
+    from referencing import Registry
 
-_EMPTY_REGISTRY: Registry = Registry()
+    extended = validators.extend(
+        Draft202012Validator,
+        {"pattern": _pattern, "patternProperties": _pattern_properties, "additionalProperties": _additional_properties},
+    )
+    return extended, Registry()
 
 
 def _walk(schema: Any, path: str = "") -> Iterator[tuple[str, dict]]:
@@ -126,6 +142,19 @@ def _walk(schema: Any, path: str = "") -> Iterator[tuple[str, dict]]:
 def check_schema(schema: Any) -> None:
     """Raise :class:`SchemaProblem` unless ``schema`` is a usable JSON Schema (2020-12) whose
     references are all local."""
+    check_references(schema)
+    import jsonschema
+
+    try:
+        _safe_validator()[0].check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        path = "/".join(str(p) for p in exc.absolute_path)
+        raise SchemaProblem(f"invalid JSON Schema at /{path}: {exc.message}") from None
+
+
+def check_references(schema: Any) -> None:
+    """The part of :func:`check_schema` that needs no jsonschema: an object (or boolean) whose
+    references are all local, and no keyword this server cannot apply safely."""
     if not isinstance(schema, (dict, bool)):
         raise SchemaProblem("a JSON Schema must be an object")
     nodes = list(_walk(schema))
@@ -139,16 +168,12 @@ def check_schema(schema: Any) -> None:
         for key in ("$dynamicRef", "$recursiveRef"):
             if key in node:
                 raise SchemaProblem(f"{key} at {where or '/'} is not supported")
-    try:
-        SafeValidator.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        path = "/".join(str(p) for p in exc.absolute_path)
-        raise SchemaProblem(f"invalid JSON Schema at /{path}: {exc.message}") from None
 
 
 def validator_for(schema: Any) -> Draft202012Validator:
     """A validator over ``schema`` (call :func:`check_schema` first) that fetches nothing."""
-    return SafeValidator(schema, registry=_EMPTY_REGISTRY)
+    validator, registry = _safe_validator()
+    return validator(schema, registry=registry)
 
 
 @contextlib.contextmanager

@@ -24,8 +24,6 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from shimmy_core.tools import schemas
 from shimmy_core.tools.http_client import HttpPolicy, RequestRefused, fetch
 
@@ -53,6 +51,8 @@ def _field(path) -> str:
 
 
 def _check(doc: Any, where: str) -> None:
+    import jsonschema  # only when there are JSON tool files to read
+
     meta = meta_schema()
     validator = jsonschema.Draft202012Validator(meta)
     error = jsonschema.exceptions.best_match(validator.iter_errors(doc))

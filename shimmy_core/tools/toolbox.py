@@ -49,9 +49,24 @@ class ToolConfigError(SettingsError):
 class ToolEntry:
     tool: Any
     source: str                      # the plugin that registered it, or the JSON file
-    validator: Any = None
     enabled: bool = False
     reason: str | None = None        # why it cannot run here
+    checked: bool = False            # its parameters passed the full JSON Schema check
+    _validator: Any = None
+
+    def check(self) -> None:
+        """The full JSON Schema check of the parameters (the first one imports jsonschema);
+        raises :class:`~shimmy_core.tools.schemas.SchemaProblem`."""
+        if not self.checked:
+            schemas.check_schema(self.tool.parameters)
+            self.checked = True
+
+    @property
+    def validator(self) -> Any:
+        """The validator of the call arguments, built on first use."""
+        if self._validator is None:
+            self._validator = schemas.validator_for(self.tool.parameters)
+        return self._validator
 
     @property
     def name(self) -> str:
@@ -92,7 +107,7 @@ class ToolBox:
         if box.max_steps < 1 or not box.timeout > 0:
             raise ToolConfigError("--tool-max-steps must be at least 1 and --tool-timeout more than 0")
         for name, tool in registered.items():
-            box._add(tool, owners.get(("tool", name), "?"))
+            box._add(tool, owners.get(("tool", name), "?"), checked=False)
         home = Path(getattr(settings, "home", Path.home() / ".shimmy"))
         folders = [home / "tools", *(Path(d).expanduser() for d in getattr(settings, "tools_dirs", ()))]
         for folder in dict.fromkeys(folders):
@@ -103,7 +118,7 @@ class ToolBox:
             except specs.ToolSpecError as exc:
                 raise ToolConfigError(str(exc)) from None
             for tool in loaded:
-                box._add(tool, str(tool.path))
+                box._add(tool, str(tool.path), checked=True)  # load_dir checked the parameters
         for entry in box.entries.values():
             configure = getattr(entry.tool, "configure", None)
             if configure is not None:
@@ -115,7 +130,10 @@ class ToolBox:
         box._enable(getattr(settings, "enable_tools", ()), getattr(settings, "tool_allow_file_and_network", False))
         return box
 
-    def _add(self, tool: Any, source: str) -> None:
+    def _add(self, tool: Any, source: str, checked: bool) -> None:
+        """A tool, with its parameters' references checked; the full JSON Schema check of a
+        plugin's tool waits until it is enabled or :meth:`check_schemas` runs (after the
+        server is up), so that a start imports no jsonschema."""
         name = getattr(tool, "name", None)
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ToolConfigError(f"tool {name!r} from {source}: a name is 1 to 64 letters, digits, '_' or '-'")
@@ -125,10 +143,10 @@ class ToolBox:
         if not isinstance(parameters, dict):
             raise ToolConfigError(f"tool {name!r} from {source} has no JSON Schema 'parameters' object")
         try:
-            schemas.check_schema(parameters)
+            schemas.check_references(parameters)
         except schemas.SchemaProblem as exc:
             raise ToolConfigError(f"tool {name!r} from {source}: parameters: {exc}") from None
-        self.entries[name] = ToolEntry(tool, source, schemas.validator_for(parameters))
+        self.entries[name] = ToolEntry(tool, source, checked=checked)
 
     def _enable(self, names: Iterable[str], allow_file_and_network: bool) -> None:
         for name in names:
@@ -140,6 +158,10 @@ class ToolBox:
                 raise ToolConfigError(f"--enable-tool {name}: {entry.source} has no implementation to run")
             if entry.reason:
                 raise ToolConfigError(f"--enable-tool {name}: {entry.reason}")
+            try:
+                entry.check()
+            except schemas.SchemaProblem as exc:
+                raise ToolConfigError(f"tool {name!r} from {entry.source}: parameters: {exc}") from None
             entry.enabled = True
         enabled = [e for e in self.entries.values() if e.enabled]
         # A command can do anything, so it counts as both; one tool alone is never refused.
@@ -150,6 +172,17 @@ class ToolBox:
                 f"enabling {', '.join(sorted(set(reads)))} (can read files) together with "
                 f"{', '.join(sorted(set(sends)))} (can send data out) lets a prompt-injected document "
                 "send your files away; pass --allow-file-and-network if you accept that")
+
+    def check_schemas(self) -> None:
+        """The full JSON Schema check of every tool not checked yet (plugin tools nobody enabled):
+        one whose parameters fail it cannot run here, and says why (a broken plugin does not stop
+        the server)."""
+        for entry in self.entries.values():
+            try:
+                entry.check()
+            except schemas.SchemaProblem as exc:
+                entry.reason = f"parameters: {exc}"
+                log.warning("tool %r from %s: parameters: %s", entry.name, entry.source, exc)
 
     # ------------------------------------------------------------ reading
     def get(self, name: str) -> ToolEntry | None:
@@ -167,6 +200,7 @@ class ToolBox:
 
     def listing(self) -> list[dict]:
         """What ``GET /v1/tools`` and ``shimmy tools`` show."""
+        self.check_schemas()
         rows = []
         for entry in sorted(self.entries.values(), key=lambda e: e.name):
             rows.append({

@@ -17,10 +17,7 @@ import threading
 from typing import Callable, Iterator, Sequence
 
 from shimmy_core.plugin_api import (
-    BUILTIN_TEMPLATES,
     CHAT,
-    CHATML_FALLBACK,
-    ChatTemplate,
     ChoicesModel,
     Chunk,
     GenerationRequest,
@@ -31,10 +28,7 @@ from shimmy_core.plugin_api import (
     OutputFormat,
     Plan,
     PreparedPrompt,
-    PromptBuilder,
     SamplingParams,
-    template_stop_strings,
-    TemplateError,
 )
 from shimmy_plugins.backends.gguf.gbnf import after_reasoning, compile_output
 from shimmy_plugins.backends.gguf.gguf_embedding import GGUFEmbeddingModel, load_embedding_model
@@ -128,6 +122,10 @@ class GGUFModel(ChoicesModel):
         """``hints`` come from discovery (an Ollama manifest): ``template_hint`` names a
         prompt format for files without a template, ``stop`` adds stop strings and
         ``system`` is the default system prompt."""
+        # Chat templates (Jinja) are imported with the first model, not when the plugin loads.
+        from shimmy_core.plugin_api import BUILTIN_TEMPLATES, CHATML_FALLBACK, ChatTemplate, PromptBuilder
+        from shimmy_core.plugin_api import template_stop_strings, TemplateError
+
         hints = hints or {}
         self._model = lmodel
         self._ctx = ctx

@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 from typing import Mapping
 
-from jsonschema import Draft202012Validator
-
-from shimmy_core.plugin_api import check_body, check_schema, check_strings, check_text, GenerationRequest
+from shimmy_core.plugin_api import BodySchema, check_body, check_schema, check_strings, check_text, GenerationRequest
 from shimmy_core.plugin_api import InvalidRequest, ParsedRequest, ReasoningOptions, RequestedTool, SamplingParams
 from shimmy_core.plugin_api import SchemaProblem, ToolRequest
 
@@ -85,7 +83,7 @@ MESSAGES_SCHEMA = {
 }
 # count_tokens takes the same body without max_tokens (and without sampling, which it ignores)
 COUNT_SCHEMA = {**MESSAGES_SCHEMA, "required": ["model", "messages"]}
-_VALIDATORS = {"messages": Draft202012Validator(MESSAGES_SCHEMA), "count": Draft202012Validator(COUNT_SCHEMA)}
+_VALIDATORS = {"messages": BodySchema(MESSAGES_SCHEMA), "count": BodySchema(COUNT_SCHEMA)}
 _UNSUPPORTED_MEDIA = ("image", "document", "search_result", "container_upload")
 
 

@@ -10,10 +10,7 @@ import re
 import uuid
 from typing import Any, Mapping
 
-import jsonschema
-from jsonschema import Draft202012Validator
-
-from shimmy_core.plugin_api import check_schema, GenerationRequest, json_path, ModelInfo, OutputFormat, ParsedRequest
+from shimmy_core.plugin_api import BodySchema, check_schema, GenerationRequest, json_path, ModelInfo, OutputFormat, ParsedRequest
 from shimmy_core.plugin_api import ReasoningOptions, RequestedTool, SamplingParams, SchemaProblem, ToolRequest
 from shimmy_plugins.dialects.ollama.ollama_errors import bad_request
 
@@ -71,7 +68,7 @@ _SHARED = {
     "think": {"anyOf": [{"type": ["boolean", "null"]}, {"enum": list(THINK_LEVELS)}]},
     "images": {"type": ["array", "null"]},
 }
-CHAT = Draft202012Validator({
+CHAT = BodySchema({
     "type": "object",
     "required": ["model"],
     "properties": {
@@ -91,14 +88,14 @@ CHAT = Draft202012Validator({
         "tools": {"type": ["array", "null"], "maxItems": 128, "items": _TOOL},
     },
 })
-GENERATE = Draft202012Validator({
+GENERATE = BodySchema({
     "type": "object",
     "required": ["model"],
     "properties": {**_SHARED, "prompt": {"type": ["string", "null"]}, "suffix": {"type": ["string", "null"]},
                    "system": {"type": ["string", "null"]}, "template": {"type": ["string", "null"]},
                    "raw": {"type": ["boolean", "null"]}, "context": {"type": ["array", "null"]}},
 })
-EMBED = Draft202012Validator({
+EMBED = BodySchema({
     "type": "object",
     "required": ["model"],
     "properties": {"model": _SHARED["model"], "keep_alive": _SHARED["keep_alive"], "options": {"type": ["object", "null"]},
@@ -106,7 +103,7 @@ EMBED = Draft202012Validator({
                    "prompt": {"type": "string"}, "truncate": {"type": ["boolean", "null"]},
                    "dimensions": {"type": ["integer", "null"], "minimum": 1}},
 })
-NAMED = Draft202012Validator({"type": "object", "properties": {"model": _SHARED["model"], "name": _SHARED["model"]}})
+NAMED = BodySchema({"type": "object", "properties": {"model": _SHARED["model"], "name": _SHARED["model"]}})
 
 
 def read_json(raw: bytes) -> dict:
@@ -141,9 +138,11 @@ def _refuse_bad_text(value: Any, depth: int) -> None:
             _refuse_bad_text(item, depth + 1)
 
 
-def check(validator: Draft202012Validator, body: dict) -> None:
+def check(validator: BodySchema, body: dict) -> None:
     """The body against a request schema: the first problem is a 400 naming its field."""
-    error = jsonschema.exceptions.best_match(validator.iter_errors(body))
+    from jsonschema.exceptions import best_match
+
+    error = best_match(validator.iter_errors(body))
     if error is None:
         return
     where = json_path(list(error.absolute_path)) or "body"

@@ -9,9 +9,8 @@ import dataclasses
 import math
 from typing import Mapping
 
-from jsonschema import Draft202012Validator
-
 from shimmy_core.plugin_api import (
+    BodySchema,
     check_body,
     check_schema,
     check_strings,
@@ -256,10 +255,10 @@ RERANK_SCHEMA = {
 }
 
 _VALIDATORS = {
-    "chat": Draft202012Validator(CHAT_SCHEMA),
-    "completion": Draft202012Validator(COMPLETION_SCHEMA),
-    "embedding": Draft202012Validator(EMBEDDING_SCHEMA),
-    "rerank": Draft202012Validator(RERANK_SCHEMA),
+    "chat": BodySchema(CHAT_SCHEMA),
+    "completion": BodySchema(COMPLETION_SCHEMA),
+    "embedding": BodySchema(EMBEDDING_SCHEMA),
+    "rerank": BodySchema(RERANK_SCHEMA),
 }
 
 

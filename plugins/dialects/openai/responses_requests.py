@@ -13,9 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from jsonschema import Draft202012Validator
-
 from shimmy_core.plugin_api import (
+    BodySchema,
     check_body,
     check_strings,
     check_text,
@@ -112,8 +111,8 @@ CREATE_SCHEMA = {
     },
 }
 COUNT_SCHEMA = {"type": "object", "required": ["model"], "properties": _SAMPLING}
-_CREATE = Draft202012Validator(CREATE_SCHEMA)
-_COUNT = Draft202012Validator(COUNT_SCHEMA)
+_CREATE = BodySchema(CREATE_SCHEMA)
+_COUNT = BodySchema(COUNT_SCHEMA)
 
 
 def new_id(prefix: str) -> str:
