@@ -365,12 +365,13 @@ class _Cursor:
         remaining = count
         while remaining:
             buf, off = self._buf, self._off
-            end = len(buf) - 8
+            size = len(buf)
+            end = size - 8
             while remaining and off <= end:
-                (length,) = unpack_from(buf, off)
-                if off + 8 + length > len(buf):
+                after = off + 8 + unpack_from(buf, off)[0]
+                if after > size:
                     break
-                off += 8 + length
+                off = after
                 remaining -= 1
             self._off = off
             if remaining:
