@@ -156,9 +156,9 @@ function assistantView(message) {
   const role = node("div", "role");
   const reasoning = node("details", "reasoning");   // closed: the reasoning shows on a click
   const summary = node("summary", null, "Thinking");
-  const reasoningText = node("div", "reasoning-text content");
+  const reasoningText = node("div", "reasoning-text markdown");
   reasoning.append(summary, reasoningText);
-  const content = node("div", "content");
+  const content = node("div", "content markdown");
   const tools = node("div", "tool-calls");
   const meta = node("div", "meta");
   const error = node("div", "error");
@@ -270,9 +270,10 @@ async function send() {
   } finally {
     cancelAnimationFrame(frame);
     if (usage) {
-      // Generation speed: the tokens after the first, over the time from the first to the last.
+      // Generation speed: the tokens after the first, over the time from the first to the last
+      // (none for a reply too short to time: a burst of a few chunks says nothing).
       const seconds = (performance.now() - (first ?? started)) / 1000;
-      const rate = usage.completion_tokens > 1 && seconds > 0 ? (usage.completion_tokens - 1) / seconds : 0;
+      const rate = usage.completion_tokens > 1 && seconds >= 0.05 ? (usage.completion_tokens - 1) / seconds : 0;
       reply.stats = { prompt: usage.prompt_tokens, completion: usage.completion_tokens, rate };
     }
     setRunning(null);
