@@ -227,6 +227,10 @@ def test_the_page_loads_with_a_strict_csp_and_no_console_errors(driver, gguf_ser
     assert driver.title == "Shimmy"
     assert [o.get_attribute("value") for o in find_all(driver, "#model option")] == [MODEL_ID]
     assert by_id(driver, "notice").get_attribute("hidden") is not None  # nothing went wrong
+    for theme in ("light", "dark"):  # auto, then pinned by the theme button
+        by_id(driver, "theme-toggle").click()
+        assert driver.execute_script("return document.documentElement.dataset.theme") == theme
+        assert by_id(driver, f"code-{theme}").get_attribute("media") == "all"
     assert console_errors(driver) == []
 
 
@@ -243,6 +247,10 @@ def test_a_message_streams_a_reply_from_the_model(driver, gguf_server, tmp_path)
     meta = reply.find_element("css selector", ".meta").text
     assert "32 completion tokens" in meta and "tokens/s" in meta and "token limit" in meta, meta
     assert by_id(driver, "send").is_displayed() and not by_id(driver, "stop").is_displayed()
+    if reply.find_elements("css selector", ".code-block"):  # SmolLM2 usually answers with one
+        copy = reply.find_element("css selector", ".code-block .copy")
+        copy.click()
+        wait_until(driver, lambda: copy.text == "Copied", timeout=5)
     stored = json.loads(driver.execute_script("return localStorage.getItem('shimmy.conversations')"))
     assert [m["role"] for m in stored[0]["messages"]] == ["user", "assistant"]
     assert stored[0]["messages"][1]["content"].strip()
@@ -290,6 +298,17 @@ def test_switching_models(driver, echo_server, tmp_path):
     stored = json.loads(driver.execute_script("return localStorage.getItem('shimmy.preferences')"))
     assert stored["model"] == "echo"
     assert console_errors(driver) == []
+
+
+def test_server_errors_show_as_text(driver, echo_server, tmp_path):
+    open_page(driver, echo_server)
+    set_field(driver, "temperature", "7")
+    send(driver, "Hello.")
+    wait_until(driver, lambda: reply_done(driver))
+    error = last_reply(driver).find_element("css selector", ".error")
+    assert error.is_displayed() and "temperature" in error.text, error.text  # the body's error.message
+    driver.save_screenshot(str(tmp_path / "error.png"))
+    assert console_errors(driver, ignore=("status of 400",)) == []
 
 
 def test_model_output_renders_inert(driver, echo_server, tmp_path):
