@@ -447,3 +447,18 @@ def test_shimmy_webui_0_leaves_the_page_out(tmp_path):
             assert client.simulate_get("/").status_code == status
         finally:
             shimmy.close()
+
+
+def test_a_wheel_ships_every_static_file():
+    """pyproject.toml's package-data globs cover every file under static/, so that a non-editable
+    ``pip install`` serves the same page."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((STATIC.parent.parent.parent / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["shimmy_plugins.webui"]
+    files = [p.relative_to(STATIC.parent).as_posix() for p in STATIC.rglob("*") if p.is_file()]
+    assert files
+    # setuptools' "*" does not cross "/", as fnmatch's does: compare the number of parts too
+    missed = [f for f in files if not any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
+    assert missed == []
