@@ -159,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="close connections idle or half-sent this long (default 120)")
     serve.add_argument("--no-demo", dest="demo", action="store_const", const=False,
                        help="do not fall back to the bundled demo model")
+    serve.add_argument("--no-webui", dest="webui", action="store_const", const=False,
+                       help="do not serve the chat page at / (SHIMMY_WEBUI=0)")
 
     _add_tool_flags(serve)
     tools = sub.add_parser("tools", help="list the registered tools, their schemas and whether they are enabled")

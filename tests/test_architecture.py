@@ -107,3 +107,18 @@ def test_a_start_puts_off_what_the_first_requests_need(smollm2_path, tmp_path):
     before, after = r.stdout.strip().splitlines()[-2:]
     assert before == "[]", before
     assert after == "['jinja2', 'jsonschema', 'prometheus_client']", after
+
+
+def test_every_package_folder_is_installed():
+    """A non-editable install ships only the packages pyproject.toml names: every folder with an
+    ``__init__.py`` under shimmy_core/ and plugins/ must be there (the Anthropic dialect once was
+    not, so a wheel had no /v1/messages)."""
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    found = set()
+    for package, folder in setup["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *parts)))
+    assert found - listed == set(), f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+    assert listed - found == set(), f"listed but not a package folder: {sorted(listed - found)}"

@@ -78,6 +78,7 @@ class Settings:
     stored_responses: int = 1000          # most responses kept; the oldest goes first
     stored_responses_bytes: int = 64 * 1024 * 1024  # most bytes (as JSON) all kept responses take
     stored_responses_ttl: float = 3600.0  # seconds a response is kept; 0: until evicted
+    webui: bool = True                    # the chat page at GET / (--no-webui, SHIMMY_WEBUI=0: off)
     max_loaded_models: int = 0            # models kept in memory at once; 0: no limit
     keep_alive: float = -1.0              # seconds a model stays loaded while unused; negative: forever
     # Tools (docs/tools.md)
