@@ -120,6 +120,19 @@ def test_cors_refuses_other_origins_with_an_openai_error(make_ops):
     assert api.model.prepared == []  # a page elsewhere cannot even make the model run
 
 
+def test_a_page_may_call_the_server_it_came_from(make_ops):
+    """The chat page at / served beyond loopback (--host 0.0.0.0, reached at 192.0.2.2:18081)
+    calls the API from its own origin; a page from that host on another port may not."""
+    api, _ = make_ops()
+    own = {"Origin": "http://192.0.2.2:18081", "Host": "192.0.2.2:18081"}
+    r = chat(api, own)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://192.0.2.2:18081"
+    other = chat(api, {"Origin": "http://192.0.2.2:9999", "Host": "192.0.2.2:18081"})
+    assert_error(other, api.validate, 403, code="origin_not_allowed")
+    assert_error(chat(api, {"Origin": "https://192.0.2.2:18081", "Host": "192.0.2.2:18081"}), api.validate, 403,
+                 code="origin_not_allowed")  # another scheme is another origin
+
+
 def test_cors_allow_list_and_wildcard(make_ops):
     api, _ = make_ops(cors_origins=("https://app.example.com/",))
     r = chat(api, {"Origin": "https://app.example.com"})

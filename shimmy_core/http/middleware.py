@@ -245,8 +245,9 @@ def _local_origin(origin: str) -> bool:
 
 
 class CORS:
-    """Web pages may call the API from localhost origins and from ``--cors-origin`` ones
-    (``*``: any).  A request from any other origin is refused (403) instead of being run with
+    """Web pages may call the API from their own origin (the chat page at ``/``, wherever the
+    server is reached: the Host check has vetted that name), from localhost origins and from
+    ``--cors-origin`` ones (``*``: any).  A request from any other origin is refused (403) instead of being run with
     its answer hidden by the browser.  Credentials (cookies) are never allowed, so ``*`` never
     comes with them; the API key travels in the Authorization header."""
 
@@ -258,17 +259,23 @@ class CORS:
         self.any = "*" in normal
         self.origins = normal - {"*"}
 
-    def allowed(self, origin: str) -> bool:
+    def allowed(self, origin: str, own: str | None = None) -> bool:
+        """``own``: the origin the request was sent to (its scheme and Host header)."""
         normal = _normal_origin(origin)
         if normal == "null":
             return self.any
-        return self.any or normal in self.origins or _local_origin(normal)
+        return self.any or normal in self.origins or _local_origin(normal) or normal == own
+
+    @staticmethod
+    def own_origin(req: falcon.Request) -> str | None:
+        host = req.get_header("Host")
+        return _normal_origin(f"{req.scheme}://{host}") if host else None
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         origin = req.get_header("Origin")
         if origin is None:
             return
-        if not self.allowed(origin):
+        if not self.allowed(origin, self.own_origin(req)):
             raise HTTPRefusal(
                 403,
                 f"Requests from the web origin {origin!r} are refused. Start Shimmy with --cors-origin {origin} "
@@ -291,7 +298,7 @@ class CORS:
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
         origin = req.get_header("Origin")
         resp.append_header("Vary", "Origin")
-        if origin is None or not self.allowed(origin):
+        if origin is None or not self.allowed(origin, self.own_origin(req)):
             return
         resp.set_header("Access-Control-Allow-Origin", "*" if self.any else origin)
         resp.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
