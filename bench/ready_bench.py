@@ -1,13 +1,14 @@
 """How soon `shimmy serve` answers, next to a bare Falcon + waitress app in the same run.
 
-    .venv/bin/python bench/ready_bench.py [--runs 7]
+    .venv/bin/python bench/ready_bench.py [--runs 7] [--before OTHER_VENV/bin/python]
 
 Byte code is cached (as pip leaves it; PYTHONDONTWRITEBYTECODE is dropped) and a first start of
 each is left out.  Each run starts both servers (alternating, one at a time) and times from the spawn to the first
 200 on /health.  Shimmy serves the demo model (`--model SmolLM2 --no-demo`); its first /v1/models
 answer is checked to list the model, so that nothing is put off past the first answer.  Prints a
 Markdown table of the median, the fastest and the slowest of each, and the ratio of the medians.
-`--importtime` also prints the slowest imports of `shimmy serve` (python -X importtime).
+`--before` adds a third series: `shimmy serve` from another environment (an older checkout's
+virtual environment), to compare before and after a change in one run.  `--importtime` also prints the slowest imports of `shimmy serve` (python -X importtime).
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ def bare(port: int) -> list[str]:
     return [sys.executable, "-c", BARE_APP, str(port)]
 
 
+def shimmy_with(python: str, model):
+    def command(port: int) -> list[str]:
+        return [python, "-m", "shimmy_core", "serve", "--host", "127.0.0.1", "--port", str(port),
+                "--model", str(model), "--no-demo", "--no-cache"]
+    return command
+
+
 def slowest_imports(model, top: int = 15) -> list[tuple[int, str]]:
     """The ``top`` slowest imports (cumulative microseconds) of `shimmy serve` up to its first answer."""
     probe = subprocess.run(
@@ -57,23 +65,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--importtime", action="store_true")
+    parser.add_argument("--before", metavar="PYTHON", help="also time `shimmy serve` run by this interpreter")
     args = parser.parse_args()
     model = demo_model_path()
     # Measure what users see: byte code cached (as pip leaves it), and the first start of each
     # (which writes the cache and warms the page cache) left out.
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    for command in (bare, None):
+    series = {"bare Falcon + waitress": bare}
+    if args.before:
+        series["shimmy serve --model SmolLM2 (before)"] = shimmy_with(args.before, model)
+    series["shimmy serve --model SmolLM2"] = None  # this checkout
+    for command in series.values():
         Server(model, command=command).stop()
-    times: dict[str, list[float]] = {"bare Falcon + waitress": [], "shimmy serve --model SmolLM2": []}
+    times: dict[str, list[float]] = {name: [] for name in series}
     for _ in range(args.runs):
-        server = Server(model, command=bare)
-        times["bare Falcon + waitress"].append(server.ready_s)
-        server.stop()
-        server = Server(model)
-        listed = httpx.get(server.base + "/v1/models", timeout=30).json()["data"]
-        times["shimmy serve --model SmolLM2"].append(server.ready_s)
-        server.stop()
-        assert [m["id"] for m in listed] == [model.stem], listed
+        for name, command in series.items():
+            server = Server(model, command=command)
+            listed = httpx.get(server.base + "/v1/models", timeout=30).json().get("data")
+            times[name].append(server.ready_s)
+            server.stop()
+            assert command is bare or [m["id"] for m in listed] == [model.stem], listed
     print(f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; "
           f"{args.runs} runs each, alternating")
     print()
@@ -81,8 +92,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, values in times.items():
         print(f"| {name} | {statistics.median(values):.3f} s | {min(values):.3f} s | {max(values):.3f} s |")
-    medians = [statistics.median(v) for v in times.values()]
-    print(f"\nShimmy / bare app (medians): {medians[1] / medians[0]:.2f}x")
+    bare_median = statistics.median(times["bare Falcon + waitress"])
+    print()
+    for name, values in list(times.items())[1:]:
+        print(f"{name} / bare app (medians): {statistics.median(values) / bare_median:.2f}x")
     if args.importtime:
         print("\nSlowest imports (cumulative):")
         for micros, name in slowest_imports(model):
