@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import os
 import sys
 import threading
@@ -27,6 +28,8 @@ from shimmy_core.contract.memory import Device, PlacementRequest, Plan
 from shimmy_core.contract.model_info import DEFAULT_PRIORITY, DiscoverySource, ModelInfo, SkippedFile
 from shimmy_core.contract.settings import SettingsError
 from shimmy_core import devices as device_probe, memory_planner, streams
+from shimmy_core.formatting import human_size
+from shimmy_core.progress import LoadProgress
 
 if TYPE_CHECKING:  # pragma: no cover
     from shimmy_core.lifecycle import Lifecycle
@@ -233,6 +236,19 @@ def _name(found: list[ModelInfo]) -> tuple[dict[str, ModelInfo], dict[str, str],
     return models, aliases, notes
 
 
+def _load(backend, info: ModelInfo, settings: "Settings", plan: Plan | None, progress: Callable[[float], None]):
+    """``backend.load``, given the plan and the progress callback when it takes them (a backend
+    written before either takes neither)."""
+    kwargs: dict[str, Any] = {} if plan is None else {"plan": plan}
+    try:
+        parameters = inspect.signature(backend.load).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    if "progress" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        kwargs["progress"] = progress
+    return backend.load(info, settings, **kwargs)
+
+
 def _limit(entry: "_Entry", default: float) -> float:
     """Seconds ``entry`` may stay unused: a request's keep-alive, else the server's."""
     return default if entry.keep_alive is None else entry.keep_alive
@@ -312,15 +328,21 @@ class ModelManager:
     without a busy one gets a 503 to retry; one that cannot fit at all gets
     :class:`InsufficientMemory` with the numbers, before anything is allocated.
     ``devices`` (for tests) replaces the detection of the devices and their free memory.
+
+    A load shows its progress on stderr (:mod:`shimmy_core.progress`): ``progress`` makes the
+    display of one load from its description (default :class:`~shimmy_core.progress.LoadProgress`);
+    a backend whose ``load`` takes a ``progress`` argument feeds it.
     """
 
     def __init__(self, pm: "ShimmyPluginManager", registry: "Registry", settings: "Settings",
-                 lifecycle: "Lifecycle | None" = None, devices: Callable[[], list[Device]] | None = None):
+                 lifecycle: "Lifecycle | None" = None, devices: Callable[[], list[Device]] | None = None,
+                 progress: Callable[[str], Any] | None = None):
         self._pm = pm
         self._registry = registry
         self._settings = settings
         self._lifecycle = lifecycle
         self._devices = devices or (lambda: device_probe.detect(settings.max_memory))
+        self._progress = progress or LoadProgress
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._locks: dict[str, threading.Lock] = {}   # one per model path: load and unload in turn
         # Re-entrant: a lease's finalizer may run inside this thread's own critical section (GC).
@@ -366,10 +388,9 @@ class ModelManager:
                     raise BackendUnavailable(reason)
                 settings = self.settings_for(info)
                 plan = self.plan(info, backend, settings, evict=True)
-                if plan is None:
-                    loaded = backend.load(info, settings)
-                else:
-                    loaded = backend.load(info, settings, plan=plan)
+                size = f" ({human_size(info.size_bytes)})" if info.size_bytes else ""
+                with self._progress(f"{info.id}{size}") as progress:
+                    loaded = _load(backend, info, settings, plan, progress)
             finally:
                 with self._guard:
                     self._loading -= 1

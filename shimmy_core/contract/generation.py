@@ -320,7 +320,13 @@ class Backend(Protocol):
         """``None`` when usable here, else a message naming the fix (e.g. the pip command)."""
 
     def load(self, model: "ModelInfo", settings: "Settings") -> LoadedModel:
-        """Load ``model``; raise :class:`ModelLoadError` or :class:`BackendUnavailable`."""
+        """Load ``model``; raise :class:`ModelLoadError` or :class:`BackendUnavailable`.
+
+        A backend may also take ``plan`` (where the memory planner put the model, when the
+        backend has ``memory_facts``) and ``progress``: a callable the core passes only to a
+        ``load`` that names it, to be called with the fraction loaded so far (0.0 to 1.0) as
+        the load goes, from any thread.  It returns nothing, raises nothing and knows nothing of
+        terminals: the core decides what to show (a bar on stderr for loads over a second)."""
 
 
 class ChoicesModel:

@@ -69,16 +69,17 @@ class GGUFBackend:
         except (GGUFError, OSError) as exc:
             raise ModelLoadError(f"could not read the GGUF header of {model.id!r}: {exc}") from exc
 
-    def load(self, model, settings, plan: Plan | None = None) -> "GGUFModel | GGUFEmbeddingModel":
+    def load(self, model, settings, plan: Plan | None = None,
+             progress: Callable[[float], None] | None = None) -> "GGUFModel | GGUFEmbeddingModel":
         """Load ``model`` as ``plan`` places it (None: every layer where llama.cpp can, the
-        context from the settings alone)."""
+        context from the settings alone), telling ``progress`` how far llama.cpp has read it."""
         import llama_cpp
         from llama_cpp._internals import LlamaContext, LlamaModel
         from llama_cpp._logger import set_verbose
 
         set_verbose(False)  # llama.cpp's load log is noise; errors still reach stderr
         check_attention(settings)
-        mparams, keep = model_params(llama_cpp, settings, plan)
+        mparams, keep = model_params(llama_cpp, settings, plan, progress)
         try:
             lmodel = LlamaModel(path_model=model.path, params=mparams, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:

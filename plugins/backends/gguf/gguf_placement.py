@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+from typing import Callable
 from pathlib import Path
 
 from shimmy_core.plugin_api import (
@@ -184,10 +185,23 @@ def tensor_split(text: str, max_devices: int):
     return (ctypes.c_float * max_devices)(*values)
 
 
-def model_params(llama_cpp, settings, plan: Plan | None):
-    """``llama_model_params`` for a plan, and what must stay alive with the model."""
+def model_params(llama_cpp, settings, plan: Plan | None, progress: Callable[[float], None] | None = None):
+    """``llama_model_params`` for a plan, and what must stay alive with the model; ``progress``
+    receives llama.cpp's load progress (its ``progress_callback``, which goes on loading when it
+    returns true)."""
     mparams = llama_cpp.llama_model_default_params()
     keep: list[object] = []
+    if progress is not None:
+        def report(fraction: float, _user_data) -> bool:
+            try:
+                progress(fraction)
+            except Exception:  # a display never stops a load
+                pass
+            return True
+
+        callback = llama_cpp.llama_progress_callback(report)
+        mparams.progress_callback = callback
+        keep.append(callback)
     gpu = llama_cpp.llama_supports_gpu_offload()
     if plan is not None:
         layers = plan.gpu_layers if plan.gpu_layers < plan.n_layers else 0x7FFFFFFF
