@@ -174,6 +174,14 @@ class ModelCatalog:
         target = self._aliases.get(name) or self._folded_aliases.get(name.casefold()) or self._aliases.get("*")
         return self.get(target) if target else None
 
+    def not_found(self, name: str) -> str:
+        """Why ``name`` gets no model, in words, with the names closest to it."""
+        import difflib
+
+        close = difflib.get_close_matches(name, [m.id for m in self.list()], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; 'shimmy list' shows the names"
+        return f"no model named {name!r}{hint}"
+
     def alias_notes(self) -> list[str]:
         """Aliases whose model is not found now (their names get a 404 until it appears)."""
         return [f"--model-alias {name}={target}: no model {target!r} is found now"

@@ -77,6 +77,21 @@ def _bounded(low: float, high: float | None, kind: type = float):
     return convert
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A command whose positionals may come between its flags: ``shimmy run MODEL --verbose PROMPT``."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside:
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shimmy",
@@ -199,6 +214,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_placement_flags(probe)
     probe.add_argument("--threads", type=int,
                        help="llama.cpp threads (default: half the cores to generate, all for prompts)")
+
+    run = sub.add_parser("run", parents=[where], help="chat with a model in the terminal, or answer one prompt")
+    run.__class__ = _IntermixedParser
+    run.add_argument("name", metavar="MODEL", help="a model name from 'shimmy list', or a model file's path")
+    run.add_argument("prompt", metavar="PROMPT", nargs="?",
+                     help="answer this (and any text on stdin) and exit; none: an interactive chat")
+    run.add_argument("--system", metavar="TEXT", help="the system message")
+    run.add_argument("--temperature", type=_bounded(0, 2), metavar="T", help="sampling temperature (default 0.8)")
+    run.add_argument("--top-p", type=_bounded(0, 1), metavar="P", help="nucleus sampling (default 1)")
+    run.add_argument("--max-tokens", type=_bounded(1, None, int), metavar="N", help="most tokens per reply")
+    run.add_argument("--url", metavar="URL", help="use the Shimmy (or OpenAI-compatible server) at URL instead "
+                                                  "of loading the model here")
+    run.add_argument("--api-key", dest="remote_api_key", metavar="KEY",
+                     help="--url: the server's API key (default: the first of SHIMMY_API_KEY)")
+    run.add_argument("--verbose", action="store_true", help="token counts and speed after each reply")
+    _add_placement_flags(run)
+    run.add_argument("--threads", type=int,
+                     help="llama.cpp threads (default: half the cores to generate, all for prompts)")
 
     gpu = sub.add_parser("gpu-info", help="list the devices models can go on and their free memory")
     gpu.add_argument("--json", dest="as_json", action="store_true", help="a JSON array, for scripts")
@@ -391,7 +424,6 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    import difflib
     import time
 
     from shimmy_core.app import build
@@ -407,10 +439,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     shimmy = build(_settings(args))
     info = shimmy.catalog.get(args.name)
     if info is None:
-        names = [m.id for m in shimmy.catalog.list()]
-        close = difflib.get_close_matches(args.name, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; 'shimmy list' shows the names"
-        print(f"shimmy probe: no model named {args.name!r}{hint}", file=sys.stderr)
+        print(f"shimmy probe: {shimmy.catalog.not_found(args.name)}", file=sys.stderr)
         return 1
     print(f"{info.id}: {info.format} {info.architecture or ''} {info.quantization or ''} from {info.source} "
           f"({info.path})")
@@ -461,6 +490,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
           f"{after_first} (finish: {reason})")
     print(f"reply: {''.join(text).strip()!r}")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``shimmy run`` (:mod:`shimmy_core.run_chat`)."""
+    from shimmy_core.run_chat import run
+
+    return run(args, _settings)
 
 
 def cmd_tools(args: argparse.Namespace) -> int:
@@ -514,7 +550,7 @@ def cmd_gpu_info(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "serve": cmd_serve, "plugins": cmd_plugins, "list": cmd_list, "add": cmd_add, "remove": cmd_remove,
-    "discover": cmd_discover, "probe": cmd_probe, "tools": cmd_tools, "gpu-info": cmd_gpu_info,
+    "discover": cmd_discover, "probe": cmd_probe, "run": cmd_run, "tools": cmd_tools, "gpu-info": cmd_gpu_info,
 }
 
 
