@@ -320,7 +320,7 @@ class Conversation:
             self.turns.append({"role": "assistant", "content": reply.text})
         else:
             self.turns.pop()
-        if self.verbose:
+        if self.verbose and reply.completion_tokens is not None:  # a stopped reply has no counts
             self.screen.figures(reply)
         return reply
 
