@@ -5,7 +5,9 @@ calls it with the fraction loaded (0.0 to 1.0) and knows nothing of terminals.  
 within a second (``SHIMMY_PROGRESS_AFTER`` seconds) shows nothing.  A longer one shows, on a
 terminal, a bar with the percentage and the time so far, redrawn in place and replaced at the
 end by one line; elsewhere (a log file, a pipe, ``serve`` under a supervisor) only that one line,
-written whole at the end so that it never splits another log line::
+written whole at the end so that it never splits another log line.  While the bar is on the
+terminal, lines others print to ``sys.stderr`` (a backend's note, a request log) clear it first
+and it is drawn again under them::
 
     shimmy: loading SmolLM2 (105 MB) ... done in 2.3 s
 """
@@ -61,6 +63,9 @@ class LoadProgress:
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._owns_terminal = False
+        self._lock = threading.Lock()        # the bar and the lines others write take turns
+        self._proxy: _ClearingStream | None = None
+        self._mid_line = False               # another writer's line is not finished: no bar yet
 
     def __call__(self, fraction: float) -> None:
         """Record progress (from the loading thread, or a callback of the inference library)."""
@@ -76,6 +81,8 @@ class LoadProgress:
         if self.tty:
             self._owns_terminal = _TERMINAL.acquire(blocking=False)
             self.tty = self._owns_terminal
+        if self.tty and self.stream is sys.stderr:
+            self._proxy = sys.stderr = _ClearingStream(self.stream, self)
         if self.tty and self._redraw:
             self._thread = threading.Thread(target=self._draw_until_done, name="shimmy-load-progress", daemon=True)
             self._thread.start()
@@ -98,8 +105,17 @@ class LoadProgress:
         seconds = self.elapsed()
         if seconds < self.after:
             return
-        self._write(f"\r{bar(self.what, self.fraction, seconds)}\x1b[K")
-        self.shown = True
+        with self._lock:
+            if self._mid_line:
+                return
+            self._write(f"\r{bar(self.what, self.fraction, seconds)}\x1b[K")
+            self.shown = True
+
+    def clear(self) -> None:
+        """Take the bar off the terminal (with the lock held); the next draw puts it back."""
+        if self.shown:
+            self._write("\r\x1b[K")
+            self.shown = False
 
     def finish(self, ok: bool = True) -> None:
         """The load ended: the one line (if it took longer than ``after``) in place of the bar."""
@@ -109,12 +125,14 @@ class LoadProgress:
         if self._thread is not None:
             self._thread.join()
         try:
+            if self._proxy is not None and sys.stderr is self._proxy:
+                sys.stderr = self.stream
             seconds = self.elapsed()
-            if seconds >= self.after or self.shown:
-                outcome = f"done in {seconds:.1f} s" if ok else f"failed after {seconds:.1f} s"
-                clear = "\r\x1b[K" if self.shown else ""
-                self._write(f"{clear}shimmy: loading {self.what} ... {outcome}\n")
-            self.shown = False
+            with self._lock:
+                if seconds >= self.after or self.shown:
+                    outcome = f"done in {seconds:.1f} s" if ok else f"failed after {seconds:.1f} s"
+                    self.clear()
+                    self._write(f"shimmy: loading {self.what} ... {outcome}\n")
         finally:
             if self._owns_terminal:
                 self._owns_terminal = False
@@ -126,6 +144,24 @@ class LoadProgress:
             self.stream.flush()
         except (OSError, ValueError):  # stderr closed or gone: a load never fails for its display
             pass
+
+
+class _ClearingStream:
+    """``sys.stderr`` while a bar is on it: what others write clears the bar's line first."""
+
+    def __init__(self, stream: TextIO, progress: LoadProgress):
+        self._stream = stream
+        self._progress = progress
+
+    def write(self, text: str) -> int:
+        with self._progress._lock:
+            self._progress.clear()
+            if text:
+                self._progress._mid_line = not text.endswith("\n")
+            return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _isatty(stream) -> bool:

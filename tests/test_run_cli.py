@@ -347,3 +347,24 @@ def test_the_manager_passes_progress_only_to_a_load_that_takes_it():
     assert _load(Old(), "m", None, None, calls.append) == "old model"
     assert _load(New(), "m", None, "a plan", calls.append) == "new model"
     assert calls == [("old", "m"), 0.5, ("new", "a plan")]
+
+
+def test_lines_others_write_during_a_bar_stay_whole(monkeypatch):
+    """On a terminal the bar owns its line: another writer's line clears it first, and the bar is
+    not drawn again until that line is finished (print writes the text, then the newline)."""
+    from shimmy_core.progress import LoadProgress
+
+    clock, out = Clock(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    with LoadProgress("big", tty=True, after=0.0, clock=clock, redraw=False) as progress:
+        assert sys.stderr is not out                     # a stand-in, while the bar is up
+        progress.draw()
+        sys.stderr.write("shimmy: a note")
+        progress.draw()                                  # not in the middle of the note
+        sys.stderr.write("\n")
+        clock.now += 1
+        progress.draw()
+    assert sys.stderr is out
+    bar = "shimmy: loading big [" + "." * 30 + "]   0%"
+    assert out.getvalue() == (f"\r{bar}  0.0 s\x1b[K" "\r\x1b[Kshimmy: a note\n" f"\r{bar}  1.0 s\x1b[K"
+                              "\r\x1b[Kshimmy: loading big ... done in 1.0 s\n")

@@ -467,14 +467,25 @@ def test_unsafe_folders_are_refused_in_discovery_and_at_load(tmp_path, safetenso
         SafeTensorsBackend().load(fake, Settings(demo=False))
 
 
-def test_load_progress_lines(capsys):
-    from shimmy_plugins.backends.safetensors.safetensors_model import LoadProgress
+def test_load_progress_comes_from_transformers_bars():
+    """While a model loads, transformers' bars (one step per tensor) report to the core's progress
+    instead of drawing their own; afterwards they are transformers' again."""
+    from transformers.utils import logging as hf_logging
 
-    with LoadProgress("big-model (40 GB) on cuda as bfloat16", every=0.05):
-        time.sleep(0.2)
-    err = capsys.readouterr().err
-    assert "shimmy: loading big-model (40 GB) on cuda as bfloat16 ..." in err
-    assert "shimmy: still loading" in err and "shimmy: loaded in" in err
+    from shimmy_plugins.backends.safetensors.safetensors_model import _reported_bars
+
+    if not hasattr(hf_logging, "set_tqdm_hook"):
+        pytest.skip("transformers before 5.0 has no set_tqdm_hook: the load reports its steps only")
+    seen: list[float] = []
+    before = hf_logging.set_tqdm_hook(None)
+    hf_logging.set_tqdm_hook(before)
+    with _reported_bars(seen.append, 0.1, 0.9):
+        bar = hf_logging.tqdm(range(4), desc="Loading weights")
+        assert list(bar) == [0, 1, 2, 3]
+        bar.set_postfix(x=1)  # whatever else a bar is asked, it draws nothing
+        bar.close()
+    assert seen == pytest.approx([0.3, 0.5, 0.7, 0.9])
+    assert hf_logging.set_tqdm_hook(before) is before  # the previous hook is back
 
 
 # ------------------------------------------------------------------ the sampling chain on made-up logits

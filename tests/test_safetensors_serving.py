@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -94,7 +95,7 @@ def test_hugging_face_cache_snapshot_loads_with_progress(start_server, safetenso
         blob = repo / "blobs" / f"{number:040x}"
         blob.symlink_to(source)
         (snapshot / source.name).symlink_to(os.path.relpath(blob, snapshot))
-    server = start_server(["--no-demo"], HF_HUB_CACHE=str(tmp_path / "hub"))
+    server = start_server(["--no-demo"], HF_HUB_CACHE=str(tmp_path / "hub"), SHIMMY_PROGRESS_AFTER="0")
     name = "HuggingFaceTB/SmolLM2-135M-Instruct"
     listed = {m["id"]: m for m in httpx.get(server.url + "/models", timeout=30).json()["data"]}
     assert listed[name]["format"] == "safetensors" and listed[name]["owned_by"] == "HuggingFaceTB"
@@ -104,8 +105,8 @@ def test_hugging_face_cache_snapshot_loads_with_progress(start_server, safetenso
     assert r.choices[0].message.content and r.usage.completion_tokens > 0
     server.stop()
     output = "".join(server.lines)
-    assert f"shimmy: loading {name} (" in output and "on cpu as float32" in output
-    assert "shimmy: loaded in" in output
+    assert f"shimmy: {name} goes on cpu as float32 (" in output
+    assert re.search(rf"^shimmy: loading {re.escape(name)} \([\d.]+ MB\) \.\.\. done in [\d.]+ s$", output, re.M), output
 
 
 # ------------------------------------------------------------------ disconnects and the queue

@@ -79,17 +79,18 @@ class SafeTensorsBackend:
 
         return memory_facts(model, settings)
 
-    def load(self, model, settings, plan=None):
+    def load(self, model, settings, plan=None, progress=None):
+        """Load ``model`` as ``plan`` places it, telling ``progress`` (the core's) how far it is."""
         check_folder(model.path)
         if model.kind != CHAT:  # an encoder or a cross-encoder
             from shimmy_plugins.backends.safetensors.safetensors_embedding import load_embedding_model
 
-            return load_embedding_model(model, settings)
+            return load_embedding_model(model, settings, progress)
         from shimmy_plugins.backends.safetensors.safetensors_model import load
 
         if plan is not None:
             settings = settings.replace(ctx_size=plan.ctx_per_slot, parallel=plan.slots)
-        return load(model, settings, plan)
+        return load(model, settings, plan, progress)
 
 
 @hookimpl

@@ -27,14 +27,14 @@ from shimmy_plugins.backends.safetensors.safetensors_model import load_pretraine
 BATCH = 32   # inputs per forward pass
 
 
-def load_embedding_model(info, settings) -> "SafeTensorsEmbeddingModel":
+def load_embedding_model(info, settings, progress=None) -> "SafeTensorsEmbeddingModel":
     folder = Path(info.path)
     names = {p.name for p in folder.iterdir()}
     st = read_sentence_transformers(folder, names)
     if isinstance(st, Skip):
         raise ModelLoadError(f"refusing to load {folder}: {st.reason}")
     auto = "AutoModelForSequenceClassification" if info.kind == RERANK else "AutoModel"
-    tokenizer, model, device, config = load_pretrained(info, settings, auto)
+    tokenizer, model, device, config = load_pretrained(info, settings, auto, progress=progress)
     limits = [n for n in (st.max_seq_length, config_context_length(config), settings.ctx_size or None,
                           _tokenizer_limit(tokenizer)) if n]
     return SafeTensorsEmbeddingModel(model, tokenizer, device, min(limits) if limits else 512, st.pooling,

@@ -1,7 +1,7 @@
 """A SafeTensors model folder loaded with transformers and torch.
 
 Imported only when such a model loads.  :func:`load` picks the device and
-dtype, shows progress on the console and loads the tokenizer and the weights
+dtype, reports the load's progress and loads the tokenizer and the weights
 (SafeTensors only, no custom code, no network).  :class:`SafeTensorsModel`
 behaves exactly as the GGUF backend's model: the tokenizer's chat template
 rendered in Shimmy's sandbox, the same context-length checks and limits, the
@@ -20,7 +20,7 @@ import importlib.util
 import queue
 import sys
 import threading
-import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -35,7 +35,6 @@ from shimmy_core.plugin_api import (
     ChoicesModel,
     Chunk,
     GenerationRequest,
-    human_size,
     ModelLoadError,
     PreparedPrompt,
     PromptBuilder,
@@ -52,7 +51,6 @@ from shimmy_plugins.backends.safetensors.safetensors_engine import BatchEngine, 
 from shimmy_plugins.backends.safetensors.safetensors_text import IncrementalDecoder, TokenPieces
 
 _POLL_S = 0.05
-_HEARTBEAT_S = 10.0
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -117,38 +115,60 @@ def pick_dtype(requested: str, device: torch.device, config: dict) -> torch.dtyp
 
 
 # ------------------------------------------------------------------ loading
-class LoadProgress:
-    """Console lines while a model loads: what and where, a heartbeat every few seconds, the time taken.
-    (transformers adds its own progress bar over the weights.)"""
+class _ReportedBar:
+    """A progress bar of transformers, replaced while a model loads: the same iteration, its
+    progress reported instead of drawn (the core draws one bar for every backend)."""
 
-    def __init__(self, what: str, out=None, every: float = _HEARTBEAT_S):
-        self.what = what
-        self.out = out or sys.stderr
-        self.every = every
-        self._done = threading.Event()
-        self.started = 0.0
-        self.seconds = 0.0
+    def __init__(self, iterable, total, report: Callable[[float], None]):
+        self.iterable = iterable
+        if total is None:
+            try:
+                total = len(iterable)
+            except TypeError:
+                total = None
+        self.total, self.n, self._report = total, 0, report
 
-    def say(self, line: str) -> None:
-        print(f"shimmy: {line}", file=self.out, flush=True)
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
 
-    def __enter__(self) -> "LoadProgress":
-        self.started = time.monotonic()
-        self.say(f"loading {self.what} ...")
-        threading.Thread(target=self._beat, daemon=True, name="shimmy-load-progress").start()
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.total:
+            self._report(min(1.0, self.n / self.total))
+
+    def __enter__(self) -> "_ReportedBar":
         return self
 
-    def _beat(self) -> None:
-        while not self._done.wait(self.every):
-            self.say(f"still loading ({time.monotonic() - self.started:.0f} s) ...")
-
     def __exit__(self, kind, exc, tb) -> None:
-        self._done.set()
-        self.seconds = time.monotonic() - self.started
-        if exc is None:
-            self.say(f"loaded in {self.seconds:.1f} s")
-        else:
-            self.say(f"loading failed after {self.seconds:.1f} s")
+        return None
+
+    def __getattr__(self, name: str):  # set_description, close, refresh...: nothing to draw
+        return lambda *args, **kwargs: None
+
+
+@contextmanager
+def _reported_bars(progress: Callable[[float], None] | None, low: float, high: float):
+    """While it lasts, transformers' progress bars (its weights, one per tensor) report to ``progress``,
+    mapped onto ``low``..``high``; they draw nothing.  Needs transformers' ``set_tqdm_hook`` (5.0+);
+    older versions draw their own bar and the load reports its steps only."""
+    from transformers.utils import logging as hf_logging
+
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+    if progress is None or set_hook is None:
+        yield
+        return
+
+    def report(fraction: float) -> None:
+        progress(low + (high - low) * fraction)
+
+    previous = set_hook(lambda factory, args, kwargs: _ReportedBar(args[0] if args else kwargs.get("iterable"),
+                                                                   kwargs.get("total"), report))
+    try:
+        yield
+    finally:
+        set_hook(previous)
 
 
 def _read_json(path: Path) -> dict:
@@ -174,18 +194,23 @@ def memory_facts(info, settings):
                  info.context_length or config_context_length(config), settings, gpu_capable=device.type == "cuda")
 
 
-def load(info, settings, plan=None) -> "SafeTensorsModel":
+def load(info, settings, plan=None, progress: Callable[[float], None] | None = None) -> "SafeTensorsModel":
     folder = Path(info.path)
     generation = _read_json(folder / "generation_config.json")
-    tokenizer, model, device, config = load_pretrained(info, settings, "AutoModelForCausalLM", plan)
-    return SafeTensorsModel(info, model, tokenizer, device, settings, config=config, generation=generation)
+    tokenizer, model, device, config = load_pretrained(info, settings, "AutoModelForCausalLM", plan, progress)
+    loaded = SafeTensorsModel(info, model, tokenizer, device, settings, config=config, generation=generation)
+    if progress is not None:
+        progress(1.0)
+    return loaded
 
 
-def load_pretrained(info, settings, auto_class: str, plan=None) -> tuple[Any, Any, torch.device, dict]:
+def load_pretrained(info, settings, auto_class: str, plan=None, progress: Callable[[float], None] | None = None
+                    ) -> tuple[Any, Any, torch.device, dict]:
     """``(tokenizer, model, device, config)`` of a model folder, the model loaded with the
     transformers class ``auto_class`` (``AutoModelForCausalLM``, ``AutoModel``...) on the device
     and dtype the settings pick, placed as ``plan`` says (the memory planner's; None: all on the
-    device), SafeTensors weights only, no custom code, no network."""
+    device), SafeTensors weights only, no custom code, no network.  ``progress`` (the core's) hears
+    of the tokenizer, then of every tensor (transformers 5), then of the model on its device."""
     import transformers
     from transformers import AutoTokenizer
 
@@ -194,13 +219,16 @@ def load_pretrained(info, settings, auto_class: str, plan=None) -> tuple[Any, An
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device, config)
     shards = info.extra.get("shards") if isinstance(info.extra, dict) else None
-    size = f"{human_size(info.size_bytes)}, " if info.size_bytes else ""
-    parts = f"{shards} shards, " if isinstance(shards, int) and shards > 1 else ""
-    what = f"{info.id} ({size}{parts}{info.path}) on {device} as {str(dtype).removeprefix('torch.')}"
+    parts = f"{shards} shards in " if isinstance(shards, int) and shards > 1 else ""
+    print(f"shimmy: {info.id} goes on {device} as {str(dtype).removeprefix('torch.')} ({parts}{info.path})",
+          file=sys.stderr, flush=True)
+    report = progress or (lambda fraction: None)
     common: dict[str, Any] = {"trust_remote_code": False, "local_files_only": True}
     try:
-        with LoadProgress(what):
+        report(0.0)
+        with _reported_bars(progress, 0.05, 0.9):
             tokenizer = AutoTokenizer.from_pretrained(str(folder), **common)
+            report(0.05)
             kwargs: dict[str, Any] = {**common, "use_safetensors": True}
             dtype_arg = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
             kwargs[dtype_arg] = dtype
@@ -212,10 +240,12 @@ def load_pretrained(info, settings, auto_class: str, plan=None) -> tuple[Any, An
             elif placed:
                 kwargs["device_map"] = {"": str(device)}
             model = getattr(transformers, auto_class).from_pretrained(str(folder), **kwargs)
-            if not placed:
-                model = model.to(device)
-            model.eval()
-            return tokenizer, model, device, config
+        report(0.9)
+        if not placed:
+            model = model.to(device)
+        model.eval()
+        report(0.95)
+        return tokenizer, model, device, config
     except (BackendUnavailable, ModelLoadError):
         raise
     except Exception as exc:  # transformers raises many kinds (OSError, ValueError, ImportError...)
