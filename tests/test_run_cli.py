@@ -77,6 +77,15 @@ def test_one_shot_reads_stdin_after_the_prompt(home, smollm2_path):
     assert stats(both.stderr)[0] > stats(alone.stderr)[0]  # the PROMPT came with the piped text
 
 
+def test_reasoning_goes_to_stderr(home, thinking_model):
+    """A thinking model's reasoning is shown apart, on stderr: stdout keeps the answer alone."""
+    result = shimmy_run([str(thinking_model), "What is 2+2?", "--temperature", "0", "--max-tokens", "24"],
+                        env_for(home))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("Thinking...\n") and len(result.stderr) > len("Thinking...\n") + 5
+    assert "<think>" not in result.stdout and "Thinking" not in result.stdout
+
+
 def test_an_unknown_model_is_one_clear_line(home, smollm2_path):
     result = shimmy_run(["smollm3", "hi", "--model", str(smollm2_path), "--no-demo"], env_for(home))
     assert result.returncode == 1
@@ -255,6 +264,10 @@ def test_interactive_chat_through_a_terminal(home, smollm2_path):
         term.send("\x03")
         stopped = term.expect(r">>> ", timeout=30)
         assert "(reply stopped)" in stopped, stopped
+        term.line("/set max_tokens 8")
+        term.expect(r">>> ")
+        _, _, made = ask(term, "Thanks!")                           # the model is free again
+        assert made > 0
 
         term.line("/nonsense")
         assert "Unknown command '/nonsense'" in term.expect(r">>> ")
