@@ -6,14 +6,15 @@ within a second (``SHIMMY_PROGRESS_AFTER`` seconds) shows nothing.  A longer one
 terminal, a bar with the percentage and the time so far, redrawn in place and replaced at the
 end by one line; elsewhere (a log file, a pipe, ``serve`` under a supervisor) only that one line,
 written whole at the end so that it never splits another log line.  While the bar is on the
-terminal, lines others print to ``sys.stderr`` (a backend's note, a request log) clear it first
-and it is drawn again under them::
+terminal, lines others write to stderr (a backend's note through ``sys.stderr``, ``serve``'s log
+through its ``logging`` handler) clear it first and it is drawn again under them::
 
     shimmy: loading SmolLM2 (105 MB) ... done in 2.3 s
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -65,6 +66,7 @@ class LoadProgress:
         self._owns_terminal = False
         self._lock = threading.Lock()        # the bar and the lines others write take turns
         self._proxy: _ClearingStream | None = None
+        self._handlers: list[logging.StreamHandler] = []   # log handlers pointed at the proxy meanwhile
         self._mid_line = False               # another writer's line is not finished: no bar yet
 
     def __call__(self, fraction: float) -> None:
@@ -83,6 +85,9 @@ class LoadProgress:
             self.tty = self._owns_terminal
         if self.tty and self.stream is sys.stderr:
             self._proxy = sys.stderr = _ClearingStream(self.stream, self)
+            self._handlers = _stream_handlers(self.stream)
+            for handler in self._handlers:
+                handler.setStream(self._proxy)
         if self.tty and self._redraw:
             self._thread = threading.Thread(target=self._draw_until_done, name="shimmy-load-progress", daemon=True)
             self._thread.start()
@@ -127,6 +132,9 @@ class LoadProgress:
         try:
             if self._proxy is not None and sys.stderr is self._proxy:
                 sys.stderr = self.stream
+            for handler in self._handlers:
+                if handler.stream is self._proxy:
+                    handler.setStream(self.stream)
             seconds = self.elapsed()
             with self._lock:
                 if seconds >= self.after or self.shown:
@@ -162,6 +170,21 @@ class _ClearingStream:
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+def _stream_handlers(stream: TextIO) -> list[logging.StreamHandler]:
+    """The log handlers that write to ``stream``, attached to a logger or behind another handler
+    (``target``: a handler that writes from a thread, a memory handler)."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    found: list[logging.StreamHandler] = []
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            while handler is not None:
+                if isinstance(handler, logging.StreamHandler) and handler.stream is stream and handler not in found:
+                    found.append(handler)
+                handler = getattr(handler, "target", None)
+    return found
 
 
 def _isatty(stream) -> bool:

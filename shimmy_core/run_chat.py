@@ -259,7 +259,8 @@ class Screen:
             reply.seconds = time.monotonic() - started
         if thinking:
             self.err.write(self._faint("\n"))
-        self.out.write("\n")
+        if not reply.text.endswith("\n"):
+            self.out.write("\n")
         self.out.flush()
         if reply.stopped:
             self.note("(reply stopped)")

@@ -7,6 +7,7 @@ stdin, both), the interactive chat driven through a pseudo-terminal (prompt, str
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pty
 import re
@@ -369,15 +370,24 @@ def test_lines_others_write_during_a_bar_stay_whole(monkeypatch):
 
     clock, out = Clock(), io.StringIO()
     monkeypatch.setattr(sys, "stderr", out)
-    with LoadProgress("big", tty=True, after=0.0, clock=clock, redraw=False) as progress:
-        assert sys.stderr is not out                     # a stand-in, while the bar is up
-        progress.draw()
-        sys.stderr.write("shimmy: a note")
-        progress.draw()                                  # not in the middle of the note
-        sys.stderr.write("\n")
-        clock.now += 1
-        progress.draw()
-    assert sys.stderr is out
+    log = logging.getLogger("shimmy.test-progress")
+    handler = logging.StreamHandler(out)                 # as serve's log: bound to stderr at start
+    log.addHandler(handler)
+    try:
+        with LoadProgress("big", tty=True, after=0.0, clock=clock, redraw=False) as progress:
+            assert sys.stderr is not out                 # a stand-in, while the bar is up
+            progress.draw()
+            sys.stderr.write("shimmy: a note")
+            progress.draw()                              # not in the middle of the note
+            sys.stderr.write("\n")
+            clock.now += 1
+            progress.draw()
+            log.warning("GET /health 200")
+            progress.draw()
+    finally:
+        log.removeHandler(handler)
+    assert sys.stderr is out and handler.stream is out
     bar = "shimmy: loading big [" + "." * 30 + "]   0%"
     assert out.getvalue() == (f"\r{bar}  0.0 s\x1b[K" "\r\x1b[Kshimmy: a note\n" f"\r{bar}  1.0 s\x1b[K"
+                              "\r\x1b[KGET /health 200\n" f"\r{bar}  1.0 s\x1b[K"
                               "\r\x1b[Kshimmy: loading big ... done in 1.0 s\n")
