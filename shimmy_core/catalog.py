@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import inspect
 import os
 import sys
 import threading
@@ -247,6 +246,8 @@ def _name(found: list[ModelInfo]) -> tuple[dict[str, ModelInfo], dict[str, str],
 def _load(backend, info: ModelInfo, settings: "Settings", plan: Plan | None, progress: Callable[[float], None]):
     """``backend.load``, given the plan and the progress callback when it takes them (a backend
     written before either takes neither)."""
+    import inspect
+
     kwargs: dict[str, Any] = {} if plan is None else {"plan": plan}
     try:
         parameters = inspect.signature(backend.load).parameters

@@ -14,12 +14,14 @@ through its ``logging`` handler) clear it first and it is drawn again under them
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import threading
 import time
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
+
+if TYPE_CHECKING:  # pragma: no cover
+    import logging
 
 AFTER_S = 1.0      # loads shorter than this show nothing (SHIMMY_PROGRESS_AFTER)
 REDRAW_S = 0.1     # how often the bar is redrawn
@@ -175,6 +177,8 @@ class _ClearingStream:
 def _stream_handlers(stream: TextIO) -> list[logging.StreamHandler]:
     """The log handlers that write to ``stream``, attached to a logger or behind another handler
     (``target``: a handler that writes from a thread, a memory handler)."""
+    import logging
+
     loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
                                       if isinstance(v, logging.Logger))]
     found: list[logging.StreamHandler] = []
