@@ -333,7 +333,8 @@ class ModelManager:
 
     Before a load, the memory planner places the model on the devices' free memory (when its
     backend says what the model needs: ``memory_facts``); when it does not fit, the least
-    recently used idle models are unloaded until it does.  A model that would fit only
+    recently used idle models are unloaded until it does.  Loads are planned and made one at a
+    time, so that two never count the same free memory.  A model that would fit only
     without a busy one gets a 503 to retry; one that cannot fit at all gets
     :class:`InsufficientMemory` with the numbers, before anything is allocated.
     ``devices`` (for tests) replaces the detection of the devices and their free memory.
@@ -354,6 +355,9 @@ class ModelManager:
         self._progress = progress or LoadProgress
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._locks: dict[str, threading.Lock] = {}   # one per model path: load and unload in turn
+        # One plan-and-load at a time (across models): a plan reads the devices' free memory, which
+        # a load still in progress has not taken yet, so two loads must never plan side by side.
+        self._placing = threading.Lock()
         # Re-entrant: a lease's finalizer may run inside this thread's own critical section (GC).
         self._guard = threading.RLock()
         self._loading = 0
@@ -396,10 +400,11 @@ class ModelManager:
                 if reason:
                     raise BackendUnavailable(reason)
                 settings = self.settings_for(info)
-                plan = self.plan(info, backend, settings, evict=True)
-                size = f" ({human_size(info.size_bytes)})" if info.size_bytes else ""
-                with self._progress(f"{info.id}{size}") as progress:
-                    loaded = _load(backend, info, settings, plan, progress)
+                with self._placing:
+                    plan = self.plan(info, backend, settings, evict=True)
+                    size = f" ({human_size(info.size_bytes)})" if info.size_bytes else ""
+                    with self._progress(f"{info.id}{size}") as progress:
+                        loaded = _load(backend, info, settings, plan, progress)
             finally:
                 with self._guard:
                     self._loading -= 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 
 import httpx
 import pytest
@@ -193,6 +195,53 @@ def test_idle_models_are_unloaded_least_recently_used_first_to_make_room():
         mgr.get(sized("huge", 5000))
     assert "cpu: needs" in str(info.value) and info.value.plan is not None
     assert ("load", "huge") not in backend.log
+    mgr.close()
+
+
+class Gated(Sized):
+    """A load that waits for ``gate``: its memory shows in the devices only once it is loaded,
+    as a real allocation shows only while (and after) it happens."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.loading = threading.Event()
+
+    def load(self, model, settings, plan=None):
+        self.loading.set()
+        assert self.gate.wait(10)
+        return super().load(model, settings, plan)
+
+
+def test_two_loads_never_plan_against_the_same_free_memory():
+    """a (600 MiB) is loading when b (600 MiB) arrives; with 1000 MiB free both fit alone, not
+    together.  b is planned only once a is in place: a is busy, so b gets a 503 to retry."""
+    backend = Gated()
+
+    def devices():
+        return [Device("cpu", 4096 * MiB, 1000 * MiB - sum(e.bytes_on("cpu") for e in mgr._entries.values()))]
+
+    mgr, _ = manager(backend, devices, memory_margin="0")
+    got: dict = {}
+
+    def load(name):
+        try:
+            got[name] = mgr.get(sized(name, 600))
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test checks
+            got[name] = exc
+
+    first = threading.Thread(target=load, args=("a",))
+    first.start()
+    assert backend.loading.wait(10)
+    second = threading.Thread(target=load, args=("b",))
+    second.start()
+    time.sleep(0.2)  # b is waiting for its turn, not loading
+    assert ("load", "b") not in backend.log
+    backend.gate.set()
+    first.join(10)
+    second.join(10)
+    assert not isinstance(got["a"], Exception)
+    assert isinstance(got["b"], Overloaded) and ("load", "b") not in backend.log
     mgr.close()
 
 
