@@ -412,7 +412,7 @@ def _local_chat(args: argparse.Namespace, make_settings: Callable[[argparse.Name
 
     flags = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     path = os.path.expanduser(args.name)
-    is_path = os.path.exists(path) and (os.sep in args.name or path.endswith(".gguf") or os.path.isdir(path))
+    is_path = os.path.exists(path)  # a model file or folder, like serve --model; else a name from shimmy list
     if is_path:
         flags["models"] = [*(flags.get("models") or []), path]
     if flags.get("parallel") is None:

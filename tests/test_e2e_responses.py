@@ -133,9 +133,9 @@ def codex_bin() -> Path:
 def codex_server(start_server, smollm2_path):
     """SmolLM2 at a server default temperature of 0.3, answers capped at 128 tokens.  Codex sends
     neither a temperature nor an output limit: at the API's default of 1.0 the tiny model talked
-    past 256 tokens in 3 of 10 replays of Codex's request (and past 64 in 6 of 10), and a turn cut
-    off there ends incomplete, which Codex reports as a failed turn.  At 0.3 it stopped within
-    43 tokens in 9 of 10; greedy it said the same 63 tokens every time, too close to a cap to trust
+    past 256 tokens in 4 of 10 replays of Codex's request (past 64 in 5 of 10), and a turn cut off
+    there ends incomplete, which Codex reports as a failed turn.  At 0.3 it stopped within 43
+    tokens in 9 of 10; greedy it said the same 63 tokens every time, too close to a cap to trust
     on every CPU."""
     srv = start_server(["--model", str(smollm2_path), "--no-demo", "--temp", "0.3", "--max-tokens-ceiling", "128",
                          "--parallel", "1", "--ctx-size", "8192"])  # Codex sends about 5,800 prompt tokens
