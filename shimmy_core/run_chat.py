@@ -430,7 +430,7 @@ def _local_chat(args: argparse.Namespace, make_settings: Callable[[argparse.Name
                                 f"{args.name}' says why")
         else:
             info = shimmy.catalog.lookup(args.name)
-            if info is None and (os.sep in args.name or args.name.endswith(".gguf")):
+            if info is None and os.sep in args.name:
                 raise ChatError(f"{args.name}: no such file, and no model of that name")
             if info is None:
                 raise ChatError(shimmy.catalog.not_found(args.name))
