@@ -155,6 +155,9 @@ def _flushed(server) -> bool:
     return True
 
 
+WARM_UP_AFTER_S = 1.0
+
+
 def serve(shimmy: Shimmy, announce: Callable[[str], None] = print) -> int:
     log_handler = configure_logging()
     server = make_server(shimmy)
@@ -174,7 +177,12 @@ def serve(shimmy: Shimmy, announce: Callable[[str], None] = print) -> int:
     host = shimmy.settings.host
     shown = f"[{host}]" if ":" in host else host
     announce(f"Shimmy is listening on http://{shown}:{server.effective_port}/v1")  # after the handlers
-    threading.Thread(target=shimmy.warm_up, name="shimmy-warm-up", daemon=True).start()
+    # A second later: started at once, it would compete for the GIL with the first answers (a
+    # client polling /health for readiness got its 200 about 25 ms later, bench/ready_bench.py).
+    warm_up = threading.Timer(WARM_UP_AFTER_S, shimmy.warm_up)
+    warm_up.daemon = True
+    warm_up.name = "shimmy-warm-up"
+    warm_up.start()
 
     def loop(timeout: float) -> None:
         server.asyncore.loop(timeout=timeout, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1)

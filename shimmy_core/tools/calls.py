@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import string
 from dataclasses import dataclass
 from typing import Collection
@@ -41,6 +40,8 @@ _ID_CHARS = string.ascii_letters + string.digits
 
 def new_call_id() -> str:
     """An id in OpenAI's shape: ``call_`` and 24 letters and digits."""
+    import secrets
+
     return "call_" + "".join(secrets.choice(_ID_CHARS) for _ in range(24))
 
 
