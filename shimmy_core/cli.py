@@ -92,6 +92,32 @@ class _IntermixedParser(argparse.ArgumentParser):
             self._inside = False
 
 
+def _add_route_flags(parser: argparse.ArgumentParser) -> None:
+    """The balancing flags of ``route`` and ``serve --instances`` (docs/deployment.md)."""
+    parser.add_argument("--policy", choices=["cache-aware", "least-outstanding", "round-robin"],
+                        help="how the front picks an upstream (default cache-aware)")
+    parser.add_argument("--max-outstanding", type=_bounded(1, None, int), metavar="N",
+                        help="most requests the front has on one upstream at once; past it: 503 (default 32)")
+
+
+def _add_route_parser(sub) -> None:
+    route = sub.add_parser("route", help="a front that spreads requests over Shimmy (or OpenAI-compatible) servers")
+    route.add_argument("--upstream", dest="upstreams", action="append", metavar="URL", default=[],
+                       help="a server to forward to, e.g. http://10.0.0.5:11435 (repeatable)")
+    route.add_argument("--upstream-key", dest="upstream_keys", action="append", metavar="URL=KEY", default=[],
+                       help="the key to send to that upstream (repeatable; SHIMMY_UPSTREAM_KEYS, comma-separated)")
+    route.add_argument("--host", help="address to bind (default 127.0.0.1; SHIMMY_HOST)")
+    route.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT}; 0 picks a free one; SHIMMY_PORT)")
+    route.add_argument("--api-key", dest="api_key", action="append", metavar="KEY",
+                       help="require this key at the front (repeatable; SHIMMY_API_KEY); clients' keys then "
+                            "never reach the upstreams")
+    route.add_argument("--health-interval", type=_bounded(0.1, None), metavar="SECONDS",
+                       help="seconds between health checks of each upstream (default 2)")
+    route.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, time running streams get to finish (default 10)")
+    _add_route_flags(route)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shimmy",
@@ -177,7 +203,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-webui", dest="webui", action="store_const", const=False,
                        help="do not serve the chat page at / (SHIMMY_WEBUI=0)")
 
+    _add_route_flags(serve)
+    serve.add_argument("--instances", metavar="N|auto",
+                       help="run N worker processes behind one front (auto: one per GPU, else half the cores); "
+                            "docs/deployment.md")
     _add_tool_flags(serve)
+    _add_route_parser(sub)
     tools = sub.add_parser("tools", help="list the registered tools, their schemas and whether they are enabled")
     _add_tool_flags(tools)
     tools.add_argument("--json", dest="as_json", action="store_true", help="a JSON array, for scripts")
@@ -245,7 +276,51 @@ def _settings(args: argparse.Namespace):
     return Settings.load(flags)
 
 
+def _route_config(args: argparse.Namespace, settings, upstreams: list[str], keys: dict[str, str]):
+    from shimmy_core.route.front import RouteConfig
+
+    config = RouteConfig(upstreams, host=settings.host, port=settings.port, api_keys=settings.api_key,
+                         upstream_keys=keys, grace=settings.shutdown_grace)
+    config.policy = getattr(args, "policy", None) or config.policy
+    config.max_outstanding = getattr(args, "max_outstanding", None) or config.max_outstanding
+    config.health_interval = getattr(args, "health_interval", None) or config.health_interval
+    return config
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    import os
+
+    from shimmy_core.route.front import RouteError, parse_upstream_keys, serve_front
+
+    flags = {k: getattr(args, k, None) for k in ("host", "port", "api_key", "shutdown_grace", "disable_plugins")}
+    settings = _settings(argparse.Namespace(**flags))
+    try:
+        keys = parse_upstream_keys(args.upstream_keys, os.environ.get("SHIMMY_UPSTREAM_KEYS"))
+        return serve_front(_route_config(args, settings, args.upstreams, keys), settings,
+                           announce=lambda line: print(line, flush=True))
+    except RouteError as exc:
+        print(f"shimmy route: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve_instances(args: argparse.Namespace) -> int:
+    from shimmy_core.route.front import RouteError, instance_count, serve_instances, worker_argv
+
+    settings = _settings(args)
+    try:
+        count = instance_count(args.instances)
+        argv = list(args.argv)
+        serve_args = worker_argv(argv[argv.index("serve") + 1:])
+        return serve_instances(count, serve_args, _route_config(args, settings, [], {}), settings,
+                               threads=args.threads, announce=lambda line: print(line, flush=True))
+    except (RouteError, ValueError) as exc:
+        print(f"shimmy serve: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.instances:
+        return _serve_instances(args)
     from shimmy_core.app import build
     from shimmy_core.http.server import serve
 
@@ -549,14 +624,16 @@ def cmd_gpu_info(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "serve": cmd_serve, "plugins": cmd_plugins, "list": cmd_list, "add": cmd_add, "remove": cmd_remove,
-    "discover": cmd_discover, "probe": cmd_probe, "run": cmd_run, "tools": cmd_tools, "gpu-info": cmd_gpu_info,
+    "serve": cmd_serve, "route": cmd_route, "plugins": cmd_plugins, "list": cmd_list, "add": cmd_add,
+    "remove": cmd_remove, "discover": cmd_discover, "probe": cmd_probe, "run": cmd_run, "tools": cmd_tools,
+    "gpu-info": cmd_gpu_info,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     command = COMMANDS.get(args.command)
     if command is None:
         parser.print_help()

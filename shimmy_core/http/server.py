@@ -158,39 +158,29 @@ def _flushed(server) -> bool:
 WARM_UP_AFTER_S = 1.0
 
 
-def serve(shimmy: Shimmy, announce: Callable[[str], None] = print) -> int:
-    log_handler = configure_logging()
-    server = make_server(shimmy)
-    lifecycle = shimmy.lifecycle
-    shimmy.cache.open()
-
+def on_stop_signals(lifecycle, name: str = "shimmy") -> None:
+    """SIGTERM and SIGINT begin the drain (a second one ends the grace period at once)."""
     def stop(signum, frame):
         again = lifecycle.draining
-        lifecycle.begin_drain()  # a second signal ends the grace period at once
+        lifecycle.begin_drain()
         if not again:
-            print(f"shimmy: shutting down: {lifecycle.active} request(s) in flight get up to "
+            print(f"{name}: shutting down: {lifecycle.active} request(s) in flight get up to "
                   f"{lifecycle.grace:g} s", file=sys.stderr, flush=True)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-    host = shimmy.settings.host
-    shown = f"[{host}]" if ":" in host else host
-    announce(f"Shimmy is listening on http://{shown}:{server.effective_port}/v1")  # after the handlers
-    # A second later: started at once, it would compete for the GIL with the first answers (a
-    # client polling /health for readiness got its 200 about 25 ms later, bench/ready_bench.py).
-    warm_up = threading.Timer(WARM_UP_AFTER_S, shimmy.warm_up)
-    warm_up.daemon = True
-    warm_up.name = "shimmy-warm-up"
-    warm_up.start()
 
+
+def run_until_drained(server, lifecycle) -> None:
+    """Serve until a drain begins, then keep serving while running requests finish (or end at the
+    deadline) and refusals go out; then stop the worker threads and close every connection."""
     def loop(timeout: float) -> None:
         server.asyncore.loop(timeout=timeout, map=server._map, use_poll=server.adj.asyncore_use_poll, count=1)
 
     try:
         while not lifecycle.draining:
             loop(_LOOP_S)
-        # Keep serving: running requests finish (or end at the deadline), refusals go out.
         hard_stop = lifecycle.deadline() + _FLUSH_S
         while time.monotonic() < hard_stop and not (lifecycle.active == 0 and _flushed(server)):
             loop(0.05)
@@ -201,9 +191,33 @@ def serve(shimmy: Shimmy, announce: Callable[[str], None] = print) -> int:
         from waitress import wasyncore
 
         wasyncore.close_all(server._map, ignore_all=True)
+
+
+def release_logging(log_handler: BackgroundHandler | None) -> None:
+    if log_handler is not None:
+        logging.getLogger("shimmy").removeHandler(log_handler)
+        log_handler.close()
+
+
+def serve(shimmy: Shimmy, announce: Callable[[str], None] = print) -> int:
+    log_handler = configure_logging()
+    server = make_server(shimmy)
+    lifecycle = shimmy.lifecycle
+    shimmy.cache.open()
+    on_stop_signals(lifecycle)
+    host = shimmy.settings.host
+    shown = f"[{host}]" if ":" in host else host
+    announce(f"Shimmy is listening on http://{shown}:{server.effective_port}/v1")  # after the handlers
+    # A second later: started at once, it would compete for the GIL with the first answers (a
+    # client polling /health for readiness got its 200 about 25 ms later, bench/ready_bench.py).
+    warm_up = threading.Timer(WARM_UP_AFTER_S, shimmy.warm_up)
+    warm_up.daemon = True
+    warm_up.name = "shimmy-warm-up"
+    warm_up.start()
+    try:
+        run_until_drained(server, lifecycle)
+    finally:
         shimmy.close()
         print("shimmy: stopped", file=sys.stderr, flush=True)
-        if log_handler is not None:
-            logging.getLogger("shimmy").removeHandler(log_handler)
-            log_handler.close()
+        release_logging(log_handler)
     return 0

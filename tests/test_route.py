@@ -1,0 +1,351 @@
+"""``shimmy route`` and ``shimmy serve --instances`` end to end: real SmolLM2 servers behind a
+real front, called with the official openai, anthropic and ollama clients.
+
+The upstreams are three ``shimmy serve`` processes (2 slots, 2048-token context each); the
+tests that kill and restart one of them run last in the module."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from shimmy_core.route.balancing import Balancer, NoUpstream, Ring, prefix_key
+from shimmy_core.route.front import worker_argv
+from shimmy_core.route.upstreams import UP, Pool, Upstream
+from tests.conftest import MODEL_ID, ServerProcess, server_env
+
+UPSTREAM_ARGS = ("--parallel", "2", "--ctx-size", "2048", "--threads", "1", "--no-cache")
+
+
+# ------------------------------------------------------------------ the balancer alone
+def _pool(n: int) -> Pool:
+    upstreams = [Upstream(f"http://10.0.0.{i}:11435") for i in range(n)]
+    for u in upstreams:
+        u.state, u.models = UP, frozenset({"m"})
+    return Pool(upstreams)
+
+
+def test_the_prefix_key_is_a_conversations_system_prompt_and_first_turn():
+    first = {"model": "m", "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}]}
+    later = {**first, "messages": [*first["messages"], {"role": "assistant", "content": "A1"},
+                                   {"role": "user", "content": "Q2"}]}
+    assert prefix_key(first) == prefix_key(later)
+    assert prefix_key({"messages": [{"role": "user", "content": "other"}]}) != prefix_key(first)
+    anthropic_body = {"system": "S", "messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A"}]}
+    assert prefix_key(anthropic_body) == prefix_key({"system": "S", "messages": [{"role": "user", "content": "Q1"}]})
+    assert prefix_key({"prompt": "x" * 5000}) == prefix_key({"prompt": "x" * 5000 + "more"})
+    assert prefix_key({"input": "hello"}) and prefix_key({}) is None
+
+
+def test_the_ring_keeps_a_key_in_place_and_bounded_load_moves_it_when_that_upstream_is_busy():
+    pool = _pool(3)
+    balancer = Balancer(pool, "cache-aware", epsilon=0.25)
+    picks = {balancer.acquire("m", "conversation-1").url for _ in range(1)}
+    first = next(iter(picks))
+    balancer.release(next(u for u in pool.upstreams if u.url == first))
+    assert all(balancer.acquire("m", "conversation-1").url == first for _ in range(1))
+    # Already 1 outstanding there (one slot): a second one exceeds 1.25 x its share, and goes on along the ring.
+    second = balancer.acquire("m", "conversation-1")
+    assert second.url != first
+    # Keys spread over every upstream.
+    ring = Ring(pool.upstreams)
+    owners = {next(ring.walk(f"key-{i}")).url for i in range(200)}
+    assert owners == {u.url for u in pool.upstreams}
+
+
+def test_full_upstreams_and_unknown_models_are_told_apart():
+    pool = _pool(2)
+    balancer = Balancer(pool, "least-outstanding", max_outstanding=1)
+    a, b = balancer.acquire("m", None), balancer.acquire("m", None)
+    assert a is not b      # least outstanding spreads them
+    with pytest.raises(NoUpstream) as full:
+        balancer.acquire("m", None)
+    assert full.value.full
+    with pytest.raises(NoUpstream) as unknown:
+        balancer.acquire("other", None)
+    assert not unknown.value.full
+
+
+def test_round_robin_takes_each_in_turn():
+    pool = _pool(3)
+    balancer = Balancer(pool, "round-robin")
+    urls = []
+    for _ in range(6):
+        u = balancer.acquire("m", "same key")
+        urls.append(u.url)
+        balancer.release(u)
+    assert len(set(urls[:3])) == 3 and urls[:3] == urls[3:]
+
+
+def test_worker_argv_leaves_out_the_fronts_own_flags():
+    argv = ["--model", "m.gguf", "--port", "9", "--instances=2", "--threads", "4", "--api-key", "k", "--parallel", "2"]
+    assert worker_argv(argv) == ["--model", "m.gguf", "--parallel", "2"]
+
+
+# ------------------------------------------------------------------ real servers
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def upstream_ports() -> list[int]:
+    return [_free_port() for _ in range(3)]
+
+
+def _start_upstream(start_server, smollm2_path, port: int) -> ServerProcess:
+    srv = start_server(["--model", str(smollm2_path), "--no-demo", *UPSTREAM_ARGS, "--port", str(port)])
+    httpx.get(srv.base + "/health", timeout=30).raise_for_status()
+    return srv
+
+
+@pytest.fixture(scope="module")
+def upstreams(start_server, smollm2_path, upstream_ports) -> list[ServerProcess]:
+    return [_start_upstream(start_server, smollm2_path, port) for port in upstream_ports]
+
+
+@pytest.fixture(scope="module")
+def start_front(tmp_path_factory):
+    started: list[ServerProcess] = []
+
+    def start(upstream_list, *args: str) -> ServerProcess:
+        argv = ["route", "--port", "0", "--health-interval", "0.5", *args]
+        for u in upstream_list:
+            argv += ["--upstream", u.base if isinstance(u, ServerProcess) else u]
+        front = ServerProcess(argv, server_env(tmp_path_factory.mktemp("front")))
+        started.append(front)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # every upstream up
+            health = httpx.get(front.base + "/health", timeout=5).json()
+            if all(u["state"] == "up" for u in health["upstreams"]):
+                break
+            time.sleep(0.2)
+        return front
+
+    yield start
+    for front in started:
+        front.stop()
+
+
+@pytest.fixture(scope="module")
+def front(start_front, upstreams) -> ServerProcess:
+    return start_front(upstreams)
+
+
+def _client(front: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=front.url, api_key="sk-local", max_retries=0, timeout=120)
+
+
+def test_models_are_the_union_and_health_shows_each_upstream(front, upstreams):
+    assert [m.id for m in _client(front).models.list().data] == [MODEL_ID]
+    tags = httpx.get(front.base + "/api/tags").json()
+    assert [m["name"] for m in tags["models"]] == [MODEL_ID]
+    health = httpx.get(front.base + "/health").json()
+    assert health["status"] == "ok" and [u["state"] for u in health["upstreams"]] == ["up"] * 3
+
+
+def test_openai_chat_streams_through_the_front(front):
+    chunks = list(_client(front).chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": "Say hi"}], max_tokens=8, stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens >= 1
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the upstream's slots, from its /health, once its model is loaded
+        if any(u["slots"] == 2 for u in httpx.get(front.base + "/health").json()["upstreams"]):
+            break
+        time.sleep(0.2)
+    assert any(u["slots"] == 2 for u in httpx.get(front.base + "/health").json()["upstreams"])
+
+
+def test_anthropic_responses_and_ollama_pass_through(front):
+    import anthropic
+    import ollama
+
+    claude = anthropic.Anthropic(base_url=front.base, api_key="x", max_retries=0, timeout=120)
+    message = claude.messages.create(model=MODEL_ID, max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
+    assert message.content[0].text and message.usage.output_tokens >= 1
+    with claude.messages.stream(model=MODEL_ID, max_tokens=8, messages=[{"role": "user", "content": "Hi"}]) as s:
+        assert "".join(s.text_stream)
+    events = list(_client(front).responses.create(model=MODEL_ID, input="Say hi", max_output_tokens=16, stream=True))
+    assert events[-1].type in ("response.completed", "response.incomplete") and events[-1].response.output_text
+    reply = ollama.Client(host=front.base, timeout=120).chat(
+        model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 8}, stream=True)
+    parts = list(reply)
+    assert parts[-1].done and "".join(p.message.content for p in parts)
+
+
+def test_an_unknown_model_is_404_in_each_dialects_shape(front):
+    import anthropic
+    import ollama
+
+    with pytest.raises(openai.NotFoundError) as err:
+        _client(front).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        _client(front).responses.create(model="nope", input="x")
+    with pytest.raises(anthropic.NotFoundError) as err:
+        anthropic.Anthropic(base_url=front.base, api_key="x", max_retries=0).messages.create(
+            model="nope", max_tokens=4, messages=[{"role": "user", "content": "x"}])
+    assert err.value.body["error"]["type"] == "not_found_error"
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=front.base).chat(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 404 and "nope" in err.value.error
+
+
+@pytest.mark.parametrize("url, says", [("ftp://host:1", "expected http://"), ("http://host:99999", "port")])
+def test_a_bad_upstream_url_is_refused_at_start_without_a_traceback(url, says, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "shimmy_core", "route", "--upstream", url, "--port", "0"],
+                          capture_output=True, text=True, timeout=60, env=server_env(tmp_path))
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr
+
+
+def _chat_turns(client: openai.OpenAI, tag: str, turns: int = 3) -> list[tuple[int, int]]:
+    """One conversation; ``(prompt tokens, cached tokens)`` of each turn."""
+    messages = [{"role": "system", "content": f"You are assistant {tag}. Answer in a few words."},
+                {"role": "user", "content": f"Conversation {tag}: name a colour and a fruit."}]
+    seen = []
+    for turn in range(turns):
+        reply = client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=8, temperature=0)
+        details = reply.usage.prompt_tokens_details
+        seen.append((reply.usage.prompt_tokens, details.cached_tokens if details else 0))
+        messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                     {"role": "user", "content": f"And another one, number {turn + 2}?"}]
+    return seen
+
+
+def test_affinity_multi_turn_chats_hit_their_cache_and_round_robin_does_not(front, start_front, upstreams):
+    round_robin = start_front(upstreams, "--policy", "round-robin")
+    shares = {}
+    for name, target in (("cache-aware", front), ("round-robin", round_robin)):
+        client = _client(target)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two chats at a time
+            chats = list(pool.map(lambda i: _chat_turns(client, f"{name}-{i}"), range(8)))
+        followups = [(turn, chat[t - 1]) for chat in chats for t, turn in enumerate(chat) if t > 0]
+        if name == "cache-aware":  # every follow-up reuses at least the whole previous prompt
+            assert all(cached >= previous[0] for (prompt, cached), previous in followups), chats
+        shares[name] = sum(c for (p, c), _ in followups) / sum(p for (p, c), _ in followups)
+    print(shares)
+    assert shares["round-robin"] < 0.75 * shares["cache-aware"], shares
+
+
+def test_a_full_front_answers_503_with_retry_after(start_front, upstreams):
+    full = start_front(upstreams[:1], "--max-outstanding", "1")
+    client = httpx.Client(base_url=full.base, timeout=60)
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Count to fifty."}], "max_tokens": 64,
+            "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as running:
+        assert running.status_code == 200
+        refused = client.post("/v1/chat/completions", json={**body, "stream": False})
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["error"]["code"] == "server_overloaded"
+        ollama_refused = client.post("/api/chat", json={"model": MODEL_ID, "messages": body["messages"]})
+        assert ollama_refused.status_code == 503 and "error" in ollama_refused.json()
+
+
+def _stream_one(base: str, i: int, victim: str, victim_streams: threading.Event) -> tuple[str, int, str | None, bool]:
+    """One chat stream, read as raw SSE: ``(upstream, chunks received, error message, [DONE] seen)``."""
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": f"Story {i}: tell me about rivers."}],
+            "max_tokens": 48, "stream": True}
+    received, error, done = 0, None, False
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as answer:
+        if answer.status_code != 200:
+            return "", 0, f"status {answer.status_code}: {answer.read()!r}", False
+        upstream = answer.headers["X-Shimmy-Upstream"]
+        for line in answer.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                payload = json.loads(line[6:])
+                if "error" in payload:
+                    error = payload["error"]["message"]
+                else:
+                    received += 1
+                    if upstream == victim and received >= 3:
+                        victim_streams.set()
+    return upstream, received, error, done
+
+
+def test_killing_an_instance_loses_no_request_that_had_not_started_and_its_restart_is_readmitted(
+        front, upstreams, start_server, smollm2_path, upstream_ports):
+    victim = upstreams[1]
+    victim_streams = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(_stream_one, front.base, i, victim.base, victim_streams) for i in range(16)]
+        assert victim_streams.wait(60), "no stream went to the victim"
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait()
+        results = [f.result() for f in futures]
+    broken = [r for r in results if r[2] is not None]
+    assert len(results) == 16 and all(r[3] for r in results), results   # every stream ends with [DONE]
+    assert broken and all(upstream == victim.base and received >= 3 and "broke off" in error
+                          for upstream, received, error, _ in broken), results
+    assert len(broken) <= 2, results   # only the victim's two slots were streaming; the rest went elsewhere
+    health = httpx.get(front.base + "/health").json()
+    assert health["upstreams"][1]["state"] == "ejected" and health["upstreams"][1]["ejections"] >= 1
+
+    upstreams[1] = _start_upstream(start_server, smollm2_path, upstream_ports[1])
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        if httpx.get(front.base + "/health").json()["upstreams"][1]["state"] == "up":
+            break
+        time.sleep(0.2)
+    health = httpx.get(front.base + "/health").json()
+    assert health["upstreams"][1]["state"] == "up", health
+    before = health["upstreams"][1]["requests"]
+    for i in range(12):
+        _client(front).chat.completions.create(model=MODEL_ID, max_tokens=2,
+                                               messages=[{"role": "user", "content": f"Readmitted {i}?"}])
+    assert httpx.get(front.base + "/health").json()["upstreams"][1]["requests"] > before
+
+
+def test_a_broken_stream_ends_with_each_dialects_error_event(front):
+    from shimmy_core.route.proxy import Front
+    from shimmy_core.route.front import dialect_routes
+    from shimmy_core.contract.settings import Settings
+
+    fake = Front(None, None, dialect_routes(Settings.load({})), None)
+    up = Upstream("http://127.0.0.1:1")
+    exc = ConnectionResetError("gone")
+    assert fake.broken_stream_tail("/v1/chat/completions", up, exc, None, None).endswith(b"data: [DONE]\n\n")
+    assert fake.broken_stream_tail("/v1/messages", up, exc, None, None).startswith(b"event: error\ndata: {\"type\": \"error\"")
+    assert fake.broken_stream_tail("/api/chat", up, exc, None, None).startswith(b'{"error": "The upstream')
+    tail = fake.broken_stream_tail("/v1/responses", up, exc, "resp_1", 7)
+    assert b"event: error" in tail and b'"sequence_number": 8' in tail and b'"id": "resp_1"' in tail
+    assert b"event: response.failed" in tail
+
+
+def test_serve_instances_runs_workers_behind_one_front_and_stops_them_on_sigterm(smollm2_path, tmp_path):
+    front = ServerProcess(["serve", "--instances", "2", "--model", str(smollm2_path), "--no-demo", "--port", "0",
+                           "--parallel", "1", "--ctx-size", "1024", "--api-key", "front-key"], server_env(tmp_path))
+    try:
+        workers = [line.split(": ", 1)[1].strip().split(", ") for line in front.lines if "worker(s)" in line][0]
+        headers = {"Authorization": "Bearer front-key"}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            health = httpx.get(front.base + "/health", timeout=5).json()
+            if health["status"] == "ok":
+                break
+            time.sleep(0.3)
+        assert health["status"] == "ok" and len(health["upstreams"]) == 2
+        client = openai.OpenAI(base_url=front.url, api_key="front-key", max_retries=0, timeout=120)
+        assert client.chat.completions.create(model=MODEL_ID, max_tokens=2,
+                                              messages=[{"role": "user", "content": "hi"}]).choices
+        assert httpx.get(front.base + "/v1/models").status_code == 401   # the front's key
+        assert httpx.get(workers[0] + "/v1/models", headers=headers).status_code == 401  # workers: their own
+    finally:
+        assert front.stop() == 0
+    for url in workers:
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=2)
