@@ -109,19 +109,25 @@ class Balancer:
         self.ring = Ring(pool.upstreams)
         self._turn = itertools.count()
 
-    @staticmethod
-    def load(upstream: Upstream) -> float:
-        """Requests per slot: this front's in flight, plus the queue the upstream reports beyond them."""
-        return (upstream.outstanding + max(0, upstream.queued - upstream.outstanding)) / upstream.weight
+    def weight(self, upstream: Upstream) -> int:
+        """Its slots; one that has not loaded the model yet (no slots in its /health) counts as
+        many as the others that say."""
+        return upstream.slots or max((u.slots for u in self.pool.upstreams), default=0) or 1
 
-    def acquire(self, model: str | None, key: str | None, exclude: tuple = ()) -> Upstream:
-        """Pick an upstream for a request and count it as outstanding there (:meth:`release` after)."""
+    def load(self, upstream: Upstream) -> float:
+        """Requests per slot: this front's in flight, plus the queue the upstream reports beyond them."""
+        return (upstream.outstanding + max(0, upstream.queued - upstream.outstanding)) / self.weight(upstream)
+
+    def acquire(self, model: str | None, key: str | None, exclude: tuple = (),
+                prefer: Upstream | None = None) -> Upstream:
+        """Pick an upstream for a request and count it as outstanding there (:meth:`release` after).
+        ``prefer``: the one that holds state the request needs (a stored response), if it can take it."""
         with self.pool.lock:
             fitting = [u for u in self.pool.upstreams if u.state == UP and u.serves(model) and u not in exclude]
             room = [u for u in fitting if u.outstanding < self.max_outstanding]
             if not room:
                 raise NoUpstream(model, full=bool(fitting))
-            chosen = self._choose(room, key)
+            chosen = prefer if prefer in room else self._choose(room, key)
             chosen.outstanding += 1
             chosen.requests += 1
             return chosen
@@ -135,11 +141,12 @@ class Balancer:
             return room[next(self._turn) % len(room)]
         if self.policy == "cache-aware" and key is not None:
             total = sum(u.outstanding for u in room) + 1
-            weights = sum(u.weight for u in room)
+            weights = sum(self.weight(u) for u in room)
             for upstream in self.ring.walk(key):
                 if upstream in room:
-                    bound = math.ceil((1 + self.epsilon) * total * upstream.weight / weights)
-                    if upstream.outstanding < upstream.weight or upstream.outstanding + 1 <= bound:
+                    weight = self.weight(upstream)
+                    bound = math.ceil((1 + self.epsilon) * total * weight / weights)
+                    if upstream.outstanding < weight or upstream.outstanding + 1 <= bound:
                         return upstream
         turn = next(self._turn)
         order = room[turn % len(room):] + room[:turn % len(room)]  # ties go round

@@ -9,6 +9,10 @@ A request is retried once on another upstream when the first failed before any b
 answer reached the client: a connection error, a 5xx, or an answer that broke before its first
 body byte (the front waits for that byte before it answers).  A stream that breaks later ends
 with an error event in its dialect's framing and is not replayed.
+
+A Responses API response is stored by the upstream that made it: the front remembers where
+(the last 100,000 ids) and sends what continues it (``previous_response_id``) or reads it
+(``/v1/responses/{id}``) there.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import threading
 import time
+from collections import OrderedDict
 from typing import Iterator
 from urllib.parse import quote
 
@@ -42,6 +48,8 @@ _STREAMING = ("text/event-stream", "application/x-ndjson")
 _RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
 _SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 RETRY_AFTER_FULL_S = 1
+_PINNED_RESPONSES = 100_000
+_STORED_RESPONSE_PATH = re.compile(r"^/v1/responses/(resp_[^/]+)")
 
 
 def _connection_tokens(value: str | None) -> set[str]:
@@ -102,7 +110,10 @@ class Relay:
             chunk = self.first
             while chunk:
                 if self.path.startswith("/v1/responses"):
-                    response_id = response_id or next(iter(_RESPONSE_ID.findall(chunk)), None)
+                    if response_id is None:
+                        response_id = next(iter(_RESPONSE_ID.findall(chunk)), b"").decode() or None
+                        if response_id is not None:
+                            self.front.pin(response_id, self.upstream)
                     sequence = ([int(s) for s in _SEQUENCE.findall(chunk)] or [sequence])[-1]
                 yield chunk
                 if client_gone():
@@ -127,6 +138,23 @@ class Front:
         self.api_keys = tuple(k for k in api_keys if k)
         self.max_body = max_body
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self._pins: OrderedDict[str, Upstream] = OrderedDict()   # stored response id -> its upstream
+        self._pins_lock = threading.Lock()
+
+    def pin(self, response_id: str, upstream: Upstream) -> None:
+        """A Responses API response is stored where it was made: what continues it goes there."""
+        with self._pins_lock:
+            self._pins[response_id] = upstream
+            while len(self._pins) > _PINNED_RESPONSES:
+                self._pins.popitem(last=False)
+
+    def pinned(self, req_path: str, body: dict) -> Upstream | None:
+        stored = _STORED_RESPONSE_PATH.match(req_path)
+        response_id = stored.group(1) if stored else body.get("previous_response_id")
+        if not isinstance(response_id, str):
+            return None
+        with self._pins_lock:
+            return self._pins.get(response_id)
 
     # ------------------------------------------------------------ forwarding
     def forward(self, req: falcon.Request, resp: falcon.Response, **_: str) -> None:
@@ -144,7 +172,7 @@ class Front:
         key = f"{model}\x1e{key}" if key is not None else None
         target = quote(req.path, safe="/:@!$&'()*+,;=-._~%") + (f"?{req.query_string}" if req.query_string else "")
 
-        upstream = self._acquire(model, key, ())
+        upstream = self._acquire(model, key, (), self.pinned(req.path, parsed))
         relay, retried = None, False
         while relay is None:
             failure, relay = self._try(upstream, req, target, raw)
@@ -185,9 +213,9 @@ class Front:
             raise HTTPRefusal(413, f"The request body is larger than {self.max_body} bytes.", code="request_too_large")
         return raw
 
-    def _acquire(self, model: str | None, key: str | None, exclude: tuple) -> Upstream:
+    def _acquire(self, model: str | None, key: str | None, exclude: tuple, prefer: Upstream | None) -> Upstream:
         try:
-            return self.balancer.acquire(model, key, exclude)
+            return self.balancer.acquire(model, key, exclude, prefer)
         except NoUpstream as exc:
             if exc.full:
                 raise HTTPRefusal(503, "Every upstream that serves this model is busy. Retry shortly.",

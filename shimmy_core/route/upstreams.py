@@ -3,7 +3,8 @@ taking requests.
 
 An upstream is ``up`` (takes requests), ``ejected`` (failed: a connection error, a 5xx, a failed
 health check; it is left alone until its backoff passes, then a health check re-admits it) or
-``starting`` (never answered yet).  The backoff doubles with each ejection in a row, from
+``starting`` (never answered yet).  Requests eject at once (a connection error, a 5xx); health
+checks after ``FAILED_CHECKS`` failures in a row.  The backoff doubles with each ejection in a row, from
 ``BACKOFF_S`` to ``MAX_BACKOFF_S``, and resets on the first success.
 """
 
@@ -20,6 +21,7 @@ BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+FAILED_CHECKS = 2     # health checks failed in a row that eject an upstream (a busy one may be slow once)
 UP, EJECTED, STARTING = "up", "ejected", "starting"
 
 
@@ -66,16 +68,12 @@ class Upstream:
     backoff: float = BACKOFF_S
     ejected_until: float = 0.0
     last_error: str | None = None
+    failed_checks: int = 0             # health checks failed in a row
     latency_counts: list = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
 
     def __post_init__(self) -> None:
         self.host, self.port, self.prefix = parse_upstream(self.url)
-
-    @property
-    def weight(self) -> int:
-        """Slots it generates with (1 when it does not say)."""
-        return max(1, self.slots)
 
     def serves(self, model: str | None) -> bool:
         return model is None or not self.models or model in self.models
@@ -96,7 +94,7 @@ class Upstream:
 class Pool:
     """The upstreams, their locks and the health-check thread."""
 
-    def __init__(self, upstreams: list[Upstream], *, interval: float = 2.0, timeout: float = 2.0):
+    def __init__(self, upstreams: list[Upstream], *, interval: float = 2.0, timeout: float = 3.0):
         self.upstreams = upstreams
         self.interval = interval
         self.timeout = timeout
@@ -144,7 +142,8 @@ class Pool:
         except (OSError, http.client.HTTPException, ValueError) as exc:
             with self.lock:
                 upstream.last_error = f"health check: {exc}"
-                if upstream.state == UP:
+                upstream.failed_checks += 1
+                if upstream.state == UP and upstream.failed_checks >= FAILED_CHECKS:
                     upstream.errors += 1
                     self._eject(upstream)
                 elif upstream.state == EJECTED:
@@ -161,6 +160,7 @@ class Pool:
             upstream.busy = sum(int(m.get("busy_slots") or 0) for m in stats)
             upstream.queued = sum(int(m.get("queued") or 0) for m in stats)
             upstream.state = UP
+            upstream.failed_checks = 0
             upstream.last_error = None if upstream.errors == 0 else upstream.last_error
 
     def _get(self, upstream: Upstream, path: str) -> tuple[int, object]:
