@@ -7,6 +7,7 @@ tests that kill and restart one of them run last in the module."""
 from __future__ import annotations
 
 import concurrent.futures
+import http.server
 import json
 import signal
 import socket
@@ -367,6 +368,48 @@ def test_killing_an_instance_loses_no_request_that_had_not_started_and_its_resta
         _client(front).chat.completions.create(model=MODEL_ID, max_tokens=2,
                                                messages=[{"role": "user", "content": f"Readmitted {i}?"}])
     assert httpx.get(front.base + "/health").json()["upstreams"][1]["requests"] > before
+
+
+class _Failing(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible upstream (no Shimmy /health) whose every generation is a 500."""
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": MODEL_ID, "object": "model"}]})
+        else:
+            self._send(404, {"error": {"message": "no"}})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._send(500, {"error": {"message": "broken", "type": "server_error"}})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_5xx_upstream_is_ejected_and_the_request_retried_on_another(start_front, upstreams):
+    stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        stub_url = f"http://127.0.0.1:{stub.server_address[1]}"
+        mixed = start_front([stub_url, upstreams[0]], "--policy", "round-robin")
+        for i in range(4):
+            reply = _client(mixed).chat.completions.create(model=MODEL_ID, max_tokens=2,
+                                                           messages=[{"role": "user", "content": f"Retry {i}"}])
+            assert reply.choices
+        stub_health = httpx.get(mixed.base + "/health").json()["upstreams"][0]
+        assert stub_health["errors"] >= 1 and stub_health["ejections"] >= 1
+        assert "answered 500" in stub_health["last_error"] or stub_health["state"] == "ejected"
+    finally:
+        stub.shutdown()
 
 
 def test_a_broken_stream_ends_with_each_dialects_error_event(front):

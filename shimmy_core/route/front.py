@@ -128,6 +128,15 @@ def instance_count(value: str) -> int:
     return len(gpus) or max(1, (os.cpu_count() or 2) // 2)
 
 
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGTERM when the front dies, even by SIGKILL (elsewhere: nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -172,7 +181,8 @@ def serve_instances(count: int, serve_args: list[str], config: RouteConfig, sett
             env["CUDA_VISIBLE_DEVICES"] = gpus[i]
         cmd = [sys.executable, "-m", "shimmy_core", "serve", *serve_args, "--host", "127.0.0.1", "--port", str(port),
                "--threads", str(share)]
-        workers.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+        workers.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        preexec_fn=_die_with_parent))
         urls.append(f"http://127.0.0.1:{port}")
     announce(f"Started {count} worker(s) with {share} thread(s) each: {', '.join(urls)}")
     config.upstreams = urls

@@ -242,7 +242,7 @@ class Front:
             self.balancer.release(upstream)
             self.pool.failed(upstream, repr(exc))
             return repr(exc), None
-        self.pool.succeeded(upstream, time.perf_counter() - started)
+        self.pool.answered(upstream, time.perf_counter() - started, answer.status)
         return None, relay
 
     def broken_stream_tail(self, path: str, upstream: Upstream, exc: BaseException,

@@ -117,10 +117,11 @@ class Pool:
         upstream.ejected_until = time.monotonic() + upstream.backoff
         upstream.backoff = min(MAX_BACKOFF_S, upstream.backoff * 2)
 
-    def succeeded(self, upstream: Upstream, seconds: float) -> None:
-        """Headers came back: note the latency, and the backoff starts over."""
+    def answered(self, upstream: Upstream, seconds: float, status: int) -> None:
+        """An answer came back: note the latency; below 500, the backoff starts over."""
         with self.lock:
-            upstream.backoff = BACKOFF_S
+            if status < 500:
+                upstream.backoff = BACKOFF_S
             upstream.latency_sum += seconds
             index = next((i for i, edge in enumerate(LATENCY_BUCKETS) if seconds <= edge), len(LATENCY_BUCKETS))
             upstream.latency_counts[index] += 1
