@@ -111,6 +111,8 @@ def _add_route_parser(sub) -> None:
     route.add_argument("--api-key", dest="api_key", action="append", metavar="KEY",
                        help="require this key at the front (repeatable; SHIMMY_API_KEY); clients' keys then "
                             "never reach the upstreams")
+    route.add_argument("--allowed-host", dest="allowed_hosts", action="append", metavar="NAME",
+                       help="also answer requests whose Host header is NAME (repeatable; as serve's)")
     route.add_argument("--health-interval", type=_bounded(0.1, None), metavar="SECONDS",
                        help="seconds between health checks of each upstream (default 2)")
     route.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
@@ -292,7 +294,8 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     from shimmy_core.route.front import RouteError, parse_upstream_keys, serve_front
 
-    flags = {k: getattr(args, k, None) for k in ("host", "port", "api_key", "shutdown_grace", "disable_plugins")}
+    flags = {k: getattr(args, k, None)
+             for k in ("host", "port", "api_key", "shutdown_grace", "disable_plugins", "allowed_hosts")}
     settings = _settings(argparse.Namespace(**flags))
     try:
         keys = parse_upstream_keys(args.upstream_keys, os.environ.get("SHIMMY_UPSTREAM_KEYS"))

@@ -412,6 +412,88 @@ def test_a_5xx_upstream_is_ejected_and_the_request_retried_on_another(start_fron
         stub.shutdown()
 
 
+_FIRST_EVENTS = {
+    "/v1/chat/completions": ("text/event-stream", b'data: {"id":"c1","object":"chat.completion.chunk","created":1,'
+                             b'"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"Hel"},'
+                             b'"finish_reason":null}]}\n\n'),
+    "/v1/messages": ("text/event-stream", b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1",'
+                     b'"type":"message","role":"assistant","content":[],"model":"m","stop_reason":null,'
+                     b'"stop_sequence":null,"usage":{"input_tokens":1,"output_tokens":0}}}\n\n'
+                     b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+                     b'"content_block":{"type":"text","text":""}}\n\n'
+                     b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                     b'"delta":{"type":"text_delta","text":"Hel"}}\n\n'),
+    "/v1/responses": ("text/event-stream", b'event: response.created\ndata: {"type":"response.created",'
+                      b'"sequence_number":0,"response":{"id":"resp_abc","object":"response","created_at":1,'
+                      b'"status":"in_progress","model":"m","output":[],"parallel_tool_calls":true,"tool_choice":"auto",'
+                      b'"tools":[]}}\n\n'),
+    "/api/chat": ("application/x-ndjson", b'{"model":"m","created_at":"2026-01-01T00:00:00Z","message":{"role":"assistant",'
+                  b'"content":"Hel"},"done":false}\n'),
+}
+
+
+class _Breaking(_Failing):
+    """An upstream whose streams send their first event, then the connection drops."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        kind, first = _FIRST_EVENTS[self.path]
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(first), first))
+        self.wfile.flush()
+        time.sleep(0.2)
+        self.connection.shutdown(socket.SHUT_RDWR)
+        self.close_connection = True
+
+
+def _wait_up(front: ServerProcess) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and httpx.get(front.base + "/health").json()["status"] != "ok":
+        time.sleep(0.1)
+
+
+def test_streams_that_break_mid_way_end_with_an_error_the_real_clients_raise(start_front):
+    import anthropic
+    import ollama
+
+    stub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Breaking)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        broken = start_front([f"http://127.0.0.1:{stub.server_address[1]}"])
+        text = []
+        with pytest.raises(openai.APIError, match="broke off"):
+            for chunk in _client(broken).chat.completions.create(
+                    model=MODEL_ID, messages=[{"role": "user", "content": "x"}], stream=True):
+                text.append(chunk.choices[0].delta.content)
+        assert text == ["Hel"]
+        _wait_up(broken)  # the break ejected the only upstream: its backoff passes, a health check re-admits it
+        claude = anthropic.Anthropic(base_url=broken.base, api_key="x", max_retries=0)
+        text = []
+        with pytest.raises(anthropic.APIError, match="broke off"):
+            with claude.messages.stream(model=MODEL_ID, max_tokens=8, messages=[{"role": "user", "content": "x"}]) as s:
+                text.extend(s.text_stream)
+        assert text == ["Hel"]
+        _wait_up(broken)
+        parts = []
+        with pytest.raises(ollama.ResponseError, match="broke off"):
+            for part in ollama.Client(host=broken.base).chat(model=MODEL_ID, messages=[{"role": "user", "content": "x"}],
+                                                             stream=True):
+                parts.append(part.message.content)
+        assert parts == ["Hel"]
+        _wait_up(broken)
+        events = list(_client(broken).responses.create(model=MODEL_ID, input="x", stream=True))
+        assert [e.type for e in events] == ["response.created", "error", "response.failed"]
+        assert "broke off" in events[1].message and events[2].response.id == "resp_abc"
+        assert events[2].sequence_number == 2
+    finally:
+        stub.shutdown()
+
+
 def test_a_broken_stream_ends_with_each_dialects_error_event(front):
     from shimmy_core.route.proxy import Front
     from shimmy_core.route.front import dialect_routes

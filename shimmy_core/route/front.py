@@ -80,7 +80,7 @@ def build_front(config: RouteConfig, settings: Settings) -> tuple[Front, Pool]:
     pool = Pool(upstreams, interval=config.health_interval)
     balancer = Balancer(pool, config.policy, epsilon=config.epsilon, max_outstanding=config.max_outstanding)
     front = Front(pool, balancer, dialect_routes(settings), Lifecycle(config.grace), api_keys=config.api_keys,
-                  read_timeout=config.read_timeout)
+                  host=config.host, allowed_hosts=settings.allowed_hosts, read_timeout=config.read_timeout)
     return front, pool
 
 

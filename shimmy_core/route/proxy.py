@@ -32,7 +32,7 @@ from shimmy_core import __version__
 from shimmy_core.contract.dialect import HTTPRefusal
 from shimmy_core.contract.generation import ModelNotFound
 from shimmy_core.http.errors import install_error_handler
-from shimmy_core.http.middleware import Auth, Draining
+from shimmy_core.http.middleware import Auth, Draining, HostCheck
 from shimmy_core.http.routes import RouteTable
 from shimmy_core.lifecycle import RETRY_AFTER_SHUTDOWN_S, Lifecycle
 from shimmy_core.route.balancing import Balancer, NoUpstream, prefix_key
@@ -132,10 +132,12 @@ class Front:
     """What the resources share: the upstreams, the balancer, the dialects and the drain state."""
 
     def __init__(self, pool: Pool, balancer: Balancer, routes: RouteTable, lifecycle: Lifecycle, *,
-                 api_keys: tuple[str, ...] = (), max_body: int = 32 * 1024 * 1024,
+                 api_keys: tuple[str, ...] = (), host: str = "127.0.0.1", allowed_hosts: tuple[str, ...] = (),
+                 max_body: int = 32 * 1024 * 1024,
                  connect_timeout: float = 3.0, read_timeout: float = 600.0):
         self.pool, self.balancer, self.routes, self.lifecycle = pool, balancer, routes, lifecycle
         self.api_keys = tuple(k for k in api_keys if k)
+        self.host, self.allowed_hosts = host, allowed_hosts
         self.max_body = max_body
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._pins: OrderedDict[str, Upstream] = OrderedDict()   # stored response id -> its upstream
@@ -261,10 +263,12 @@ class Front:
         if name == "openai_responses":
             error = body.get("error") or {}
             seq = (sequence or 0) + 1
+            event = {"type": "error", "sequence_number": seq, "code": error.get("code"),
+                     "message": error.get("message"), "param": error.get("param")}
             failed = {"type": "response.failed", "sequence_number": seq + 1,
                       "response": {"id": response_id, "object": "response", "status": "failed",
                                    "error": {"code": "server_error", "message": error.get("message")}}}
-            return (b"event: error\ndata: " + json.dumps({"type": "error", "sequence_number": seq, **error}).encode()
+            return (b"event: error\ndata: " + json.dumps(event).encode()
                     + b"\n\nevent: response.failed\ndata: " + json.dumps(failed).encode() + b"\n\n")
         return b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n"
 
@@ -367,7 +371,8 @@ class MetricsResource:
 
 def create_front_app(front: Front) -> falcon.App:
     routes = front.routes
-    app = falcon.App(middleware=[Draining(front.lifecycle, routes), Auth(front.api_keys, routes)],
+    app = falcon.App(middleware=[HostCheck(front.host, front.allowed_hosts), Draining(front.lifecycle, routes),
+                                 Auth(front.api_keys, routes)],
                      cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
     app.resp_options.secure_cookies_by_default = False
