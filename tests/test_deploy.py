@@ -153,3 +153,19 @@ def test_the_image_entrypoint_serves_models_from_slash_models(smollm2_path, tmp_
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out[-2000:]
+
+
+def test_the_front_may_call_the_nodes_by_the_names_the_manifests_give_it():
+    """The front's upstreams are dotted pod names (shimmy-node-0.shimmy-node), which the nodes'
+    DNS-rebinding check refuses unless SHIMMY_ALLOWED_HOSTS admits them."""
+    from urllib.parse import urlsplit
+
+    from shimmy_core.cli import _parser
+    from shimmy_core.http.middleware import HostCheck
+
+    nodes = [d for d in yaml.safe_load_all((ROOT / "deploy/k8s/nodes.yaml").read_text()) if d["kind"] == "StatefulSet"]
+    env = {e["name"]: e["value"] for e in nodes[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    check = HostCheck("0.0.0.0", env.get("SHIMMY_ALLOWED_HOSTS", "").split(","))
+    front = next(d for d in yaml.safe_load_all((ROOT / "deploy/k8s/front.yaml").read_text()) if d["kind"] == "Deployment")
+    upstreams = _parser().parse_args(front["spec"]["template"]["spec"]["containers"][0]["args"]).upstreams
+    assert upstreams and all(check.allowed(urlsplit(u).netloc) for u in upstreams), upstreams
