@@ -324,6 +324,12 @@ def _serve_instances(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.instances:
         return _serve_instances(args)
+    # The start allocates much and frees next to nothing: the collector's passes over it only cost
+    # time (about 20 ms of 250, bench/ready_bench.py).  serve() turns it back on, with what the
+    # start built frozen out of later passes, once the server is made.
+    import gc
+
+    gc.disable()
     from shimmy_core.app import build
     from shimmy_core.http.server import serve
 

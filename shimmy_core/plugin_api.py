@@ -61,7 +61,7 @@ _SOURCES = {
     "shimmy_core.tools.files": "FileReader",
     "shimmy_core.tools.http_client": "HttpPolicy RequestRefused fetch",
     "shimmy_core.tools.schemas": "schema_errors=errors check_schema json_path pattern_search SchemaProblem validator_for",
-    "shimmy_core.tools.specs": "ToolError",
+    "shimmy_core.tools.errors": "ToolError",
     "shimmy_core.tools.tool_prompts": "template_supports_tools",
 }
 _WHERE: dict[str, tuple[str, str]] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from shimmy_core.contract.generation import (
     Chunk,
@@ -30,8 +30,10 @@ from shimmy_core.parsed_request import ParsedRequest
 from shimmy_core.contract.settings import Settings
 from shimmy_core.reasoning import ReasoningParser, forced_close, split_reasoning
 from shimmy_core.tools import tool_prompts
-from shimmy_core.tools.loop import ToolPlan, ToolRequestError, with_tool_calls
 from shimmy_core.tools.toolbox import ToolBox
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shimmy_core.tools.loop import ToolPlan
 from shimmy_core import streams
 
 
@@ -142,6 +144,8 @@ class CompletionService:
     def _plan(self, parsed: ParsedRequest) -> ToolPlan | None:
         if parsed.tools is None:
             return None
+        from shimmy_core.tools.loop import ToolPlan, ToolRequestError  # the first request with tools
+
         try:
             plan = ToolPlan(parsed.tools, self.tools, parsed.n)
         except ToolRequestError as exc:
@@ -201,5 +205,7 @@ class CompletionService:
 
             run.chunks = plan.loop(chunks, parsed.prompts[0], step, native, deadline, executed)
         elif plan is not None:
+            from shimmy_core.tools.loop import with_tool_calls
+
             run.chunks = with_tool_calls(chunks, lambda: plan.parser(plan.first_choice))
         return run

@@ -6,6 +6,7 @@ answers in flight are flushed, caches and models close, and the exit code is 0."
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import signal
@@ -202,6 +203,8 @@ def release_logging(log_handler: BackgroundHandler | None) -> None:
 def serve(shimmy: Shimmy, announce: Callable[[str], None] = print) -> int:
     log_handler = configure_logging()
     server = make_server(shimmy)
+    gc.freeze()  # what the start built lives as long as the server: later collections skip it
+    gc.enable()  # (cmd_serve turned collection off for the start)
     lifecycle = shimmy.lifecycle
     shimmy.cache.open()
     on_stop_signals(lifecycle)

@@ -25,18 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from shimmy_core.tools import schemas
+from shimmy_core.tools.errors import ToolError, ToolSpecError  # noqa: F401  (raised here)
 from shimmy_core.tools.http_client import HttpPolicy, RequestRefused, fetch
 
 META_SCHEMA_PATH = Path(__file__).with_name("tool-spec.schema.json")
 _META: dict | None = None
-
-
-class ToolSpecError(ValueError):
-    """A JSON tool file that cannot be used; the message names the file and the field."""
-
-
-class ToolError(Exception):
-    """A tool ran and failed in a way the model should hear about (the message goes back to it)."""
 
 
 def meta_schema() -> dict:

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from shimmy_core.contract.settings import SettingsError
-from shimmy_core.tools import schemas, specs
-from shimmy_core.tools.specs import ToolError
+from shimmy_core.tools import schemas
+from shimmy_core.tools.errors import ToolError, ToolSpecError
 
 log = logging.getLogger("shimmy")
 
@@ -113,9 +113,13 @@ class ToolBox:
         for folder in dict.fromkeys(folders):
             if folder != home / "tools" and not folder.is_dir():
                 raise ToolConfigError(f"--tools-dir {str(folder)!r} is not a folder")
+            if not folder.is_dir():
+                continue  # no JSON tools (the loader is not even imported)
+            from shimmy_core.tools import specs
+
             try:
                 loaded = specs.load_dir(folder)
-            except specs.ToolSpecError as exc:
+            except ToolSpecError as exc:
                 raise ToolConfigError(str(exc)) from None
             for tool in loaded:
                 box._add(tool, str(tool.path), checked=True)  # load_dir checked the parameters
