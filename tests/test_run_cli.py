@@ -257,8 +257,13 @@ def test_interactive_chat_through_a_terminal(home, smollm2_path):
         _, block_prompt, _ = ask(term, '"""')
         assert block_prompt > system_prompt
 
-        # Ctrl-C stops a reply, not the program.  The model may end an answer before the Ctrl-C
-        # reaches it (greedy SmolLM2 once answered the story in 10 tokens): then another request.
+        # Ctrl-C stops a reply, not the program.  The one-word pirate goes first (he answered
+        # every long request in under 10 tokens, before a Ctrl-C could reach him); should the
+        # model still end an answer before the Ctrl-C arrives, another request is tried.
+        term.line("/system You are a helpful assistant who writes long, detailed answers.")
+        term.expect(r">>> ")
+        term.line("/clear")
+        term.expect(r">>> ")
         term.line("/set max_tokens 2000")
         term.expect(r">>> ")
         for request in ("Count from 1 to 1000, one number per line.",
