@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import sys
 
 import httpx
@@ -48,17 +49,22 @@ def shimmy_with(python: str, model):
 
 def slowest_imports(model, top: int = 15) -> list[tuple[int, str]]:
     """The ``top`` slowest imports (cumulative microseconds) of `shimmy serve` up to its first answer."""
-    probe = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c",
-         "import sys; from shimmy_core.cli import _parser, _settings; from shimmy_core.app import build; "
-         f"build(_settings(_parser().parse_args(['serve', '--model', {str(model)!r}, '--no-demo'])))"],
-        capture_output=True, text=True, env={**os.environ, "SHIMMY_HOME": os.devnull + "-none"}, timeout=120)
+    with tempfile.TemporaryDirectory() as home:
+        probe = _importtime(model, home)
     rows = []
     for line in probe.stderr.splitlines():
         parts = line.split("|")
         if len(parts) == 3 and parts[1].strip().isdigit():
             rows.append((int(parts[1]), parts[2].rstrip()))
     return sorted(rows, reverse=True)[:top]
+
+
+def _importtime(model, home: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", "-c",
+         "import sys; from shimmy_core.cli import _parser, _settings; from shimmy_core.app import build; "
+         f"build(_settings(_parser().parse_args(['serve', '--model', {str(model)!r}, '--no-demo'])))"],
+        capture_output=True, text=True, env={**os.environ, "SHIMMY_HOME": home}, timeout=120)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from shimmy_core.tools import schemas
-from shimmy_core.tools.errors import ToolError, ToolSpecError  # noqa: F401  (raised here)
+from shimmy_core.tools.errors import ToolError, ToolSpecError
 from shimmy_core.tools.http_client import HttpPolicy, RequestRefused, fetch
 
 META_SCHEMA_PATH = Path(__file__).with_name("tool-spec.schema.json")
