@@ -70,6 +70,7 @@ class LoadProgress:
         self._proxy: _ClearingStream | None = None
         self._handlers: list[logging.StreamHandler] = []   # log handlers pointed at the proxy meanwhile
         self._mid_line = False               # another writer's line is not finished: no bar yet
+        self._fd: int | None = None          # the terminal, whatever descriptor 2 points at meanwhile
 
     def __call__(self, fraction: float) -> None:
         """Record progress (from the loading thread, or a callback of the inference library)."""
@@ -85,6 +86,11 @@ class LoadProgress:
         if self.tty:
             self._owns_terminal = _TERMINAL.acquire(blocking=False)
             self.tty = self._owns_terminal
+        if self.tty:
+            # The bar goes to its own copy of the terminal's descriptor: an inference library
+            # that silences stderr during the load (llama.cpp points descriptor 2 at /dev/null
+            # for as long as the weights load) would otherwise swallow the bar it is meant to show.
+            self._fd = _dup(self.stream)
         if self.tty and self.stream is sys.stderr:
             self._proxy = sys.stderr = _ClearingStream(self.stream, self)
             self._handlers = _stream_handlers(self.stream)
@@ -99,6 +105,7 @@ class LoadProgress:
         self.finish(ok=exc is None)
 
     def _draw_until_done(self) -> None:
+        self.draw()         # at once when ``after`` is 0
         while not self._done.wait(REDRAW_S):
             self.draw()
 
@@ -144,14 +151,23 @@ class LoadProgress:
                     self.clear()
                     self._write(f"shimmy: loading {self.what} ... {outcome}\n")
         finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
             if self._owns_terminal:
                 self._owns_terminal = False
                 _TERMINAL.release()
 
     def _write(self, text: str) -> None:
         try:
-            self.stream.write(text)
-            self.stream.flush()
+            self.stream.flush()     # what others wrote first shows first
+            if self._fd is None:
+                self.stream.write(text)
+                self.stream.flush()
+                return
+            data = text.encode(getattr(self.stream, "encoding", None) or "utf-8", "replace")
+            while data:
+                data = data[os.write(self._fd, data):]
         except (OSError, ValueError):  # stderr closed or gone: a load never fails for its display
             pass
 
@@ -189,6 +205,14 @@ def _stream_handlers(stream: TextIO) -> list[logging.StreamHandler]:
                     found.append(handler)
                 handler = getattr(handler, "target", None)
     return found
+
+
+def _dup(stream) -> int | None:
+    """A new descriptor for the stream's file, or None when it has none (a StringIO in a test)."""
+    try:
+        return os.dup(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
 
 
 def _isatty(stream) -> bool:

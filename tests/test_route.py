@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from shimmy_core.route.balancing import Balancer, NoUpstream, Ring, prefix_key
+from shimmy_core.route.balancing import Balancer, NoUpstream, Ring, conversation_key, prefix_key
 from shimmy_core.route.front import worker_argv
 from shimmy_core.route.upstreams import UP, Pool, Upstream
 from tests.conftest import MODEL_ID, ServerProcess, server_env
@@ -46,6 +46,9 @@ def test_the_prefix_key_is_a_conversations_system_prompt_and_first_turn():
     assert prefix_key(anthropic_body) == prefix_key({"system": "S", "messages": [{"role": "user", "content": "Q1"}]})
     assert prefix_key({"prompt": "x" * 5000}) == prefix_key({"prompt": "x" * 5000 + "more"})
     assert prefix_key({"input": "hello"}) and prefix_key({}) is None
+    # The ring key adds the model: the same conversation with another model is another cache.
+    assert conversation_key(first, "m") == conversation_key(later, "m") != conversation_key(first, "n")
+    assert conversation_key({}, "m") is None
 
 
 def test_the_ring_keeps_a_key_in_place_and_bounded_load_moves_it_when_that_upstream_is_busy():
@@ -366,8 +369,11 @@ def test_killing_an_instance_loses_no_request_that_had_not_started_and_its_resta
         results = [f.result() for f in futures]
     broken = [r for r in results if r[2] is not None]
     assert len(results) == 16 and all(r[3] for r in results), results   # every stream ends with [DONE]
-    assert broken and all(upstream == victim.base and received >= 3 and "broke off" in error
+    # Only streams that had begun (the front commits an answer with its first bytes) break off;
+    # the victim's other slot may have had fewer chunks than the one that set off the kill.
+    assert broken and all(upstream == victim.base and received >= 1 and "broke off" in error
                           for upstream, received, error, _ in broken), results
+    assert any(received >= 3 for _, received, _, _ in broken), results
     assert len(broken) <= 2, results   # only the victim's two slots were streaming; the rest went elsewhere
     health = httpx.get(front.base + "/health").json()
     assert health["upstreams"][1]["state"] == "ejected" and health["upstreams"][1]["ejections"] >= 1
@@ -381,10 +387,15 @@ def test_killing_an_instance_loses_no_request_that_had_not_started_and_its_resta
     health = httpx.get(front.base + "/health").json()
     assert health["upstreams"][1]["state"] == "up", health
     before = health["upstreams"][1]["requests"]
-    for i in range(12):
-        _client(front).chat.completions.create(model=MODEL_ID, max_tokens=2,
-                                               messages=[{"role": "user", "content": f"Readmitted {i}?"}])
-    assert httpx.get(front.base + "/health").json()["upstreams"][1]["requests"] > before
+    # Conversations whose place on the front's ring is the restarted upstream (sent one at a time,
+    # so no load bound moves them): a readmitted upstream gets its share of the keys again.
+    ring = Ring([Upstream(u["url"]) for u in health["upstreams"]])
+    mine = [m for m in ([{"role": "user", "content": f"Readmitted {i}?"}] for i in range(200))
+            if next(ring.walk(conversation_key({"messages": m}, MODEL_ID))).url == health["upstreams"][1]["url"]][:3]
+    assert mine
+    for messages in mine:
+        _client(front).chat.completions.create(model=MODEL_ID, max_tokens=2, messages=messages)
+    assert httpx.get(front.base + "/health").json()["upstreams"][1]["requests"] >= before + len(mine)
 
 
 class _Failing(http.server.BaseHTTPRequestHandler):

@@ -357,6 +357,36 @@ def test_progress_bar_on_a_terminal():
     assert out.getvalue().endswith("\r\x1b[Kshimmy: loading big ... done in 2.0 s\n")
 
 
+def test_the_bar_shows_while_the_library_silences_stderr():
+    """llama.cpp points the stream's descriptor at /dev/null while the weights load (its
+    ``suppress_stdout_stderr``): the bar drawn meanwhile still reaches the terminal."""
+    from shimmy_core.progress import LoadProgress
+
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    clock = Clock()
+    try:
+        with LoadProgress("big", stream=stream, tty=True, after=0, clock=clock, redraw=False) as progress:
+            saved = os.dup(write_end)
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), write_end)
+            try:
+                clock.now += 0.5
+                progress(0.4)
+                progress.draw()
+            finally:
+                os.dup2(saved, write_end)
+                os.close(saved)
+        stream.close()
+        shown = b""
+        while chunk := os.read(read_end, 65536):
+            shown += chunk
+    finally:
+        os.close(read_end)
+    assert shown.decode() == ("\rshimmy: loading big [" + "#" * 12 + "." * 18 + "]  40%  0.5 s\x1b[K"
+                              "\r\x1b[Kshimmy: loading big ... done in 0.5 s\n")
+
+
 def test_the_manager_passes_progress_only_to_a_load_that_takes_it():
     from shimmy_core.catalog import _load
 

@@ -75,6 +75,13 @@ def prefix_key(body: dict) -> str | None:
     return "\x1f".join(parts)
 
 
+def conversation_key(body: dict, model: str | None) -> str | None:
+    """The ring key of a request: its model and :func:`prefix_key` (the same conversation with
+    another model is another cache)."""
+    key = prefix_key(body)
+    return f"{model}\x1e{key}" if key is not None else None
+
+
 class Ring:
     """A consistent-hash ring of the upstreams, ``VIRTUAL_NODES`` points each."""
 

@@ -35,7 +35,7 @@ from shimmy_core.http.errors import install_error_handler
 from shimmy_core.http.middleware import Auth, Draining, HostCheck
 from shimmy_core.http.routes import RouteTable
 from shimmy_core.lifecycle import RETRY_AFTER_SHUTDOWN_S, Lifecycle
-from shimmy_core.route.balancing import Balancer, NoUpstream, prefix_key
+from shimmy_core.route.balancing import Balancer, NoUpstream, conversation_key
 from shimmy_core.route.upstreams import LATENCY_BUCKETS, UP, Pool, Upstream
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and those the front sets itself.
@@ -170,8 +170,7 @@ class Front:
         parsed = parsed if isinstance(parsed, dict) else {}
         model = parsed.get("model", parsed.get("name"))
         model = model if isinstance(model, str) and model else None
-        key = prefix_key(parsed)
-        key = f"{model}\x1e{key}" if key is not None else None
+        key = conversation_key(parsed, model)
         target = quote(req.path, safe="/:@!$&'()*+,;=-._~%") + (f"?{req.query_string}" if req.query_string else "")
 
         upstream = self._acquire(model, key, (), self.pinned(req.path, parsed))
