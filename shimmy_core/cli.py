@@ -31,6 +31,15 @@ def _add_tool_flags(parser: argparse.ArgumentParser) -> None:
                         help="most seconds one tool run may take (default 30)")
 
 
+def _add_thread_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="llama.cpp threads (default: one per physical core to generate, every usable "
+                             "core for prompts; docs/performance.md)")
+    parser.add_argument("--threads-batch", type=int, metavar="N",
+                        help="llama.cpp threads for batches of two or more tokens: prompts, and steps that "
+                             "generate for several streams (default: --threads when given, else every usable core)")
+
+
 def _add_placement_flags(parser: argparse.ArgumentParser, *, per_model: bool = False) -> None:
     """How a model is placed and sized (docs/models.md, "Memory and placement"): the flags of
     ``serve`` and ``probe``, and of ``add`` (``per_model``: kept with the model)."""
@@ -143,8 +152,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="answer requests for NAME with MODEL, e.g. claude-sonnet-4-5=qwen3; NAME '*' "
                             "catches every unknown name (repeatable; SHIMMY_MODEL_ALIAS, comma-separated)")
     _add_placement_flags(serve)
-    serve.add_argument("--threads", type=int,
-                       help="llama.cpp threads (default: half the cores to generate, all for prompts)")
+    _add_thread_flags(serve)
     serve.add_argument("--queue-size", type=int, help="requests that may wait for a slot before 503 (default 16)")
     serve.add_argument("--queue-timeout", type=float, help="seconds a request may wait for a slot (default 60)")
     serve.add_argument("--batch-size", type=int, help="most prompt tokens llama.cpp processes per step (512)")
@@ -245,8 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--max-tokens", dest="probe_tokens", type=int, default=32, help="tokens to generate (32)")
     probe.add_argument("--plan-only", action="store_true", help="show where the model would go; do not load it")
     _add_placement_flags(probe)
-    probe.add_argument("--threads", type=int,
-                       help="llama.cpp threads (default: half the cores to generate, all for prompts)")
+    _add_thread_flags(probe)
 
     run = sub.add_parser("run", parents=[where], help="chat with a model in the terminal, or answer one prompt")
     run.__class__ = _IntermixedParser
@@ -263,8 +270,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="--url: the server's API key (default: the first of SHIMMY_API_KEY)")
     run.add_argument("--verbose", action="store_true", help="token counts and speed after each reply")
     _add_placement_flags(run)
-    run.add_argument("--threads", type=int,
-                     help="llama.cpp threads (default: half the cores to generate, all for prompts)")
+    _add_thread_flags(run)
 
     gpu = sub.add_parser("gpu-info", help="list the devices models can go on and their free memory")
     gpu.add_argument("--json", dest="as_json", action="store_true", help="a JSON array, for scripts")

@@ -41,6 +41,7 @@ class Settings:
     ctx_size: int = 0                     # per slot; 0: the model's trained context (capped at max_ctx) shared by the slots
     max_ctx: int = 8192
     threads: int = 0                      # llama.cpp threads, 0: automatic
+    threads_batch: int = 0                # llama.cpp threads for batches of 2+ tokens, 0: as threads, else automatic
     parallel: int = 4                     # sequences generated at once per model (slots)
     queue_size: int = 16                  # requests waiting for a slot before 503
     queue_timeout: float = 60.0           # seconds a request may wait for a slot
@@ -159,7 +160,7 @@ class Settings:
 
 # The settings a model may carry on its own (shimmy add --gpu-layers ...): how it loads and runs.
 MODEL_OPTIONS = ("ctx_size", "parallel", "gpu_layers", "moe_offload", "tensor_split", "main_gpu", "flash_attn",
-                 "cache_type_k", "cache_type_v", "batch_size", "threads", "device", "dtype")
+                 "cache_type_k", "cache_type_v", "batch_size", "threads", "threads_batch", "device", "dtype")
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:

@@ -26,15 +26,48 @@ if TYPE_CHECKING:  # pragma: no cover
     from shimmy_plugins.backends.gguf.gguf_model import GGUFModel
 
 
-def engine_threads(requested: int = 0) -> tuple[int, int]:
-    """(decode threads, prompt threads).  By default decode on half the logical cores, as
-    llama.cpp does: decode is memory-bound, and the HTTP side and the client need a core
-    too (measured on 2 cores: 51 tok/s with 1 decode thread against 35 with 2, see
-    docs/performance.md).  Prompt processing is compute-bound and takes every core."""
-    cores = os.cpu_count() or 1
+SYSFS_CPU = "/sys/devices/system/cpu"
+
+
+def usable_cpus() -> list[int]:
+    """The logical CPUs this process may run on (a container's or ``taskset``'s share)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def physical_cores(cpus: list[int], sysfs: str = SYSFS_CPU) -> int:
+    """How many physical cores ``cpus`` span: distinct (package, core) pairs in sysfs, SMT
+    siblings counted once.  Without sysfs, llama.cpp's own guess: all of up to 4 logical
+    CPUs, else half."""
+    cores = set()
+    for cpu in cpus:
+        try:
+            topology = os.path.join(sysfs, f"cpu{cpu}", "topology")
+            with open(os.path.join(topology, "physical_package_id")) as package, \
+                    open(os.path.join(topology, "core_id")) as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            return len(cpus) if len(cpus) <= 4 else len(cpus) // 2
+    return max(1, len(cores))
+
+
+def engine_threads(requested: int = 0, requested_batch: int = 0, *, cpus: list[int] | None = None,
+                   sysfs: str = SYSFS_CPU) -> tuple[int, int]:
+    """(threads for one-token steps, threads for batches of two or more tokens).
+
+    llama.cpp runs a step with one token (one stream generating) on the first number and any
+    larger batch (prompts, several streams generating together) on the second.  By default one
+    thread per physical core for the first, as llama.cpp's own server does: SMT siblings add
+    nothing to a memory-bound step.  (Shimmy used half the logical cores, which on a VM that
+    shows no SMT left half of them idle: 2 threads beat 1 by 1.16-1.35x for one stream on 2-core
+    Intel and AMD VMs, docs/performance.md.)  Every usable core for the second, which is
+    compute-bound.  ``--threads`` sets both unless ``--threads-batch`` is given too."""
+    cpus = usable_cpus() if cpus is None else cpus
     if requested:
-        return requested, requested
-    return max(1, cores // 2), cores
+        return requested, requested_batch or requested
+    return physical_cores(cpus, sysfs), requested_batch or len(cpus)
 
 
 class GGUFBackend:
@@ -84,7 +117,7 @@ class GGUFBackend:
         else:
             per_slot = settings.ctx_size or min(model.context_length or lmodel.n_ctx_train() or 4096, settings.max_ctx)
             slots = max(1, settings.parallel)
-        threads, batch_threads = engine_threads(settings.threads)
+        threads, batch_threads = engine_threads(settings.threads, settings.threads_batch)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = per_slot * slots
         cparams.n_batch = cparams.n_ubatch = min(settings.batch_size, per_slot)
@@ -101,7 +134,8 @@ class GGUFBackend:
             lmodel.close()
             raise ModelLoadError(f"could not create a context for {model.id!r}: {exc}") from exc
         engine = Engine(lmodel, ctx, n_slots=slots, n_batch=cparams.n_batch, queue_size=settings.queue_size,
-                        queue_timeout=settings.queue_timeout, invariant=settings.batch_invariant)
+                        queue_timeout=settings.queue_timeout, invariant=settings.batch_invariant,
+                        decode_threads=(threads,) if settings.threads else (threads, max(1, threads // 2)))
         loaded = GGUFModel(lmodel, ctx, engine, llama_cpp.llama_n_ctx_seq(ctx.ctx), settings.max_tokens_ceiling,
                            hints=model.extra)
         loaded.pinned = keep  # the override array and the split: llama.cpp holds pointers into them

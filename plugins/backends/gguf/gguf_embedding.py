@@ -46,7 +46,7 @@ def load_embedding_model(model, settings, lmodel, engine_threads) -> "GGUFEmbedd
     cparams.n_batch = cparams.n_ubatch = tokens
     cparams.n_seq_max = MAX_SEQUENCES
     cparams.kv_unified = True
-    threads, batch_threads = engine_threads(settings.threads)
+    threads, batch_threads = engine_threads(settings.threads, settings.threads_batch)
     cparams.n_threads, cparams.n_threads_batch = threads, batch_threads
     cparams.no_perf = True
     if model.kind == RERANK:

@@ -27,6 +27,7 @@ import ctypes
 import math
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -205,11 +206,69 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+class ThreadChooser:
+    """The thread count of one-token steps (one stream generating), picked from how long such
+    steps take end to end on this machine, now.
+
+    llama.cpp runs a one-token step on ``n_threads``.  Whether more threads help depends on the
+    machine and on what else wants its cores: the HTTP side of each token, a client on the same
+    machine, other processes (OpenMP threads that wait at a barrier for a descheduled sibling
+    make a step many times slower).  So the engine times the interval from one one-token step to
+    the next (the decode and all the Python around it) for each candidate, keeps a moving
+    average, and uses the fastest: each candidate first gets ``WARMUP`` steps, then every
+    ``EXPLORE_EVERY``-th step tries another, so that a change (another process starting) is seen.
+    An interval broken by anything else (a prompt chunk, another stream, an idle wait) is not
+    counted.  Thread counts do not change llama.cpp's numbers: only speed is at stake."""
+
+    WARMUP = 8
+    EXPLORE_EVERY = 32
+    ALPHA = 0.2
+
+    def __init__(self, choices: Sequence[int], clock: Callable[[], float] = time.perf_counter):
+        self.choices = sorted(set(choices), reverse=True)
+        self.mean: dict[int, float | None] = {n: None for n in self.choices}
+        self.samples = dict.fromkeys(self.choices, 0)
+        self._clock = clock
+        self._last: tuple[float, int] | None = None
+        self._steps = 0
+
+    def interrupt(self) -> None:
+        """The next one-token step does not follow one directly: no interval to count."""
+        self._last = None
+
+    def best(self) -> int:
+        measured = [n for n in self.choices if self.mean[n] is not None]
+        return min(measured, key=lambda n: self.mean[n]) if measured else self.choices[0]
+
+    def pick(self) -> int:
+        """The thread count for the one-token step about to run."""
+        now = self._clock()
+        if self._last is not None:
+            started, n = self._last
+            seconds = now - started
+            old = self.mean[n]
+            self.mean[n] = seconds if old is None else old + self.ALPHA * (seconds - old)
+            self.samples[n] += 1
+        self._steps += 1
+        unsure = [n for n in self.choices if self.samples[n] < self.WARMUP]
+        if unsure:
+            choice = unsure[0]
+        elif self._steps % self.EXPLORE_EVERY == 0:
+            others = [n for n in self.choices if n != self.best()]
+            choice = others[(self._steps // self.EXPLORE_EVERY) % len(others)]
+        else:
+            choice = self.best()
+        self._last = (now, choice)
+        return choice
+
+
 class Engine:
     """Schedules jobs onto ``n_slots`` sequences of one llama.cpp context."""
 
     def __init__(self, model, ctx, *, n_slots: int, n_batch: int, queue_size: int, queue_timeout: float,
-                 invariant: bool = False):
+                 invariant: bool = False, decode_threads: Sequence[int] = ()):
+        """``decode_threads``: the thread counts one-token steps may use (:class:`ThreadChooser`);
+        none or one: the context's own."""
         import llama_cpp
 
         self._llama = llama_cpp
@@ -233,6 +292,9 @@ class Engine:
         self._closing = False
         self._batch = llama_cpp.llama_batch_init(n_batch + n_slots, 0, 1)
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._threads = llama_cpp.llama_n_threads(ctx.ctx)
+        self._threads_batch = llama_cpp.llama_n_threads_batch(ctx.ctx)
+        self._chooser = ThreadChooser(decode_threads) if len(set(decode_threads)) > 1 else None
         self._thread = threading.Thread(target=self._run, name="shimmy-gguf-engine", daemon=True)
         self._thread.start()
 
@@ -288,9 +350,14 @@ class Engine:
         self._llama.llama_batch_free(self._batch)
 
     def stats(self) -> dict[str, int]:
+        ctx = self._ctx.ctx   # llama.cpp's own thread counts: one-token steps, larger batches
+        threads = {"threads": self._llama.llama_n_threads(ctx), "threads_batch": self._llama.llama_n_threads_batch(ctx)}
+        if self._chooser is not None:  # what one-token steps took with each thread count
+            threads["one_token_step_ms"] = {str(n): None if m is None else round(m * 1000, 2)
+                                            for n, m in self._chooser.mean.items()}
         with self._lock:
             return {"busy_slots": sum(1 for s in self._slots if s.job), "queued": len(self._waiting),
-                    "prompt_tokens_decoded": self._prompt_decoded}
+                    "prompt_tokens_decoded": self._prompt_decoded, **threads}
 
     # ------------------------------------------------------------ engine thread
     def _run(self) -> None:
@@ -301,6 +368,8 @@ class Engine:
                 closing = self._closing
                 idle = not any(self._runnable(j) for j in active)
                 if idle and not closing and not dropped:
+                    if self._chooser is not None:
+                        self._chooser.interrupt()
                     self._wake.wait(_IDLE_WAIT_S)
             # Sinks are written outside the engine lock: a reader may hold its sink's lock
             # while it wakes the engine.
@@ -433,6 +502,12 @@ class Engine:
                 self._finish(job, "length")
             elif job.fed == len(job.prepared.tokens) and not job.sink.full(job.index):
                 generating.append(job)
+        if self._chooser is not None:
+            prefilling = any(not j.done and j.fed < len(j.prepared.tokens) for j in active)
+            if len(generating) == 1 and not prefilling:
+                self._set_threads(self._chooser.pick())
+            else:
+                self._chooser.interrupt()
         if generating:
             for i, job in enumerate(generating):
                 self._add(i, job, job.last_token, True)
@@ -481,6 +556,11 @@ class Engine:
         batch.seq_id[n][0] = slot.seq
         batch.logits[n] = logits
         slot.tokens.append(token)
+
+    def _set_threads(self, n: int) -> None:
+        if n != self._threads:
+            self._llama.llama_set_n_threads(self._ctx.ctx, n, self._threads_batch)
+            self._threads = n
 
     def _decode(self, n: int) -> None:
         self._batch.n_tokens = n
