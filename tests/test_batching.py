@@ -80,6 +80,28 @@ def test_a_cached_prompt_gives_the_same_numbers_as_a_fresh_one(client):
         assert again == fresh, n
 
 
+def _shared_prompt_batches(server) -> int:
+    """How many llama_decode calls held several prompts (0 before the model loads)."""
+    models = httpx.get(server.base + "/health", timeout=10).json()["models"]
+    return sum(m["shared_prompt_batches"] for m in models if m["id"] == MODEL_ID)
+
+
+def test_prompts_computed_together_give_the_numbers_they_give_alone(client, server, start_server, smollm2_path):
+    """Prompts that wait at the same time share one llama_decode, the same number of tokens of
+    each: the numbers of each are those it gets alone on a server that never saw the others."""
+    nonce = uuid.uuid4().hex[:8]
+    prompts = [[{"role": "user", "content": f"{nonce} {k}: {BIRDS} " + " ".join(f"fish {i}" for i in range(7 * k))}]
+               for k in range(4)]
+    shared_before = _shared_prompt_batches(server)
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda m: probe(client, m, max_tokens=3)[0], prompts))
+    assert _shared_prompt_batches(server) > shared_before   # the shared path ran
+    fresh = start_server(["--model", str(smollm2_path), "--no-demo"])
+    alone_client = openai.OpenAI(base_url=fresh.url, api_key="sk-local", max_retries=0, timeout=120)
+    alone = [probe(alone_client, m, max_tokens=3)[0] for m in prompts]
+    assert together == alone
+
+
 def test_batch_invariant_a_continued_chat_gives_the_numbers_of_a_fresh_server(start_server, smollm2_path):
     """--batch-invariant: a greedy chat continued from the cache (its earlier prompt and answer in
     a slot) gives bit-identical logprobs to the whole conversation sent to a server that never

@@ -147,3 +147,17 @@ def test_a_copy_carries_how_much_of_the_donor_is_whole_chunks():
     e._slots[0].canon = 64
     assert place(e, SYSTEM + [9] * 30 + [1], exact=True) == (1, 64)
     assert e._slots[1].canon == 64 and e._slots[1].tokens == (SYSTEM + [9] * 30)[:64]
+
+
+def test_prompts_sharing_a_batch_take_the_same_number_of_tokens_each():
+    from shimmy_plugins.backends.gguf.gguf_engine import equal_take
+
+    assert equal_take([10, 30, 12], 64) == 10            # the shortest whole
+    assert equal_take([10, 30, 11], 64) == 8             # 10 and 9 would leave a lone token
+    assert equal_take([40, 50], 16) == 16                # the budget's share
+    assert equal_take([3, 30], 64) == 3 and equal_take([2, 9], 1) == 0
+    assert equal_take([3, 4], 64) == 2                   # 3 would leave the 4 with one
+    assert equal_take([2, 3, 4, 5], 64) == 0             # none fits: they go one batch each
+    for remaining in ([5, 6, 7], [100, 101], [7, 9, 30]):
+        take = equal_take(remaining, 64)
+        assert take >= 2 and all(r - take != 1 for r in remaining)

@@ -197,6 +197,18 @@ def prompt_take(remaining: int, budget: int) -> int:
     return take
 
 
+def equal_take(remaining: Sequence[int], per: int) -> int:
+    """How many prompt tokens each of several prompts computes in one shared batch: the same
+    number for every one (llama.cpp cuts a batch over several KV streams into equal parts per
+    sequence, so unequal parts would be cut again, into pieces as short as the shortest), at
+    least two, at most ``per``, and leaving none of them a remainder of one (see
+    :func:`reusable`); 0 when no number fits."""
+    take = min(min(remaining), per)
+    while take >= 2 and any(r - take == 1 for r in remaining):
+        take -= 1
+    return take if take >= 2 else 0
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -285,6 +297,7 @@ class Engine:
         self._slots = [Slot(seq) for seq in range(n_slots)]
         self._worth = copy_worth(llama_cpp.llama_n_ctx_seq(ctx.ctx))
         self._prompt_decoded = 0      # prompt tokens llama.cpp processed (not reused)
+        self._shared_prompt_batches = 0   # llama_decode calls that held several prompts
         self._admitted = 0            # jobs given a slot so far (the clock of Slot.used)
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Lock()
@@ -357,7 +370,8 @@ class Engine:
                                             for n, m in self._chooser.mean.items()}
         with self._lock:
             return {"busy_slots": sum(1 for s in self._slots if s.job), "queued": len(self._waiting),
-                    "prompt_tokens_decoded": self._prompt_decoded, **threads}
+                    "prompt_tokens_decoded": self._prompt_decoded,
+                    "shared_prompt_batches": self._shared_prompt_batches, **threads}
 
     # ------------------------------------------------------------ engine thread
     def _run(self) -> None:
@@ -515,6 +529,8 @@ class Engine:
             for i, job in enumerate(generating):
                 self._emit(job, i)
         budget = self._n_batch if not generating else min(self._n_batch, PREFILL_CHUNK_WHILE_DECODING)
+        if not self._invariant:
+            budget = self._prefill_together(active, budget)
         for job in active:
             tokens = job.prepared.tokens
             while not job.done and job.fed < len(tokens) and job.follow is None:
@@ -538,14 +554,55 @@ class Engine:
                 self._prompt_decoded += end - start
                 budget -= end - start
                 if end == len(tokens):
-                    self._emit(job, end - start - 1)
-                    # Sibling choices take the whole prompt's cells and its last logits: the
-                    # same numbers as the first choice, without processing the prompt again.
-                    for other in active:
-                        if other.follow is job and not other.done:
-                            self._copy(slot, other.slot, len(other.prepared.tokens))
-                            other.fed, other.follow = len(other.prepared.tokens), None
-                            self._emit(other, end - start - 1)
+                    self._prompt_done(job, end - start - 1, active)
+
+    def _prefill_together(self, active: list[Job], budget: int) -> int:
+        """Prompts of several sequences in one ``llama_decode``, the same number of tokens each
+        (:func:`equal_take`), while at least two are waiting and the budget holds them; return
+        the budget left.  One pass over the weights serves them all, where a batch each would
+        read every weight once per prompt: what a burst of new requests waits for.  Each
+        sequence's part is computed as it would be in a batch of its own (a weight row's dot
+        product per token, and attention per KV stream), which the default determinism promise
+        needs and ``tests/test_batching.py`` checks."""
+        pending = [j for j in active if not j.done and j.fed < len(j.prepared.tokens) and j.follow is None]
+        while len(pending) >= 2:
+            group, take = pending, 0
+            while len(group) >= 2:
+                take = equal_take([len(j.prepared.tokens) - j.fed for j in group], budget // len(group))
+                if take:
+                    break
+                group = group[:-1]
+            if len(group) < 2 or not take:
+                break
+            n, last = 0, {}
+            for job in group:
+                tokens = job.prepared.tokens
+                for i in range(job.fed, job.fed + take):
+                    self._add(n, job, tokens[i], i == len(tokens) - 1)
+                    n += 1
+                last[job] = n - 1
+            self._decode(n)
+            self._shared_prompt_batches += 1
+            budget -= n
+            for job in group:
+                job.fed += take
+                self._prompt_decoded += take
+                if job.fed == len(job.prepared.tokens):
+                    self._prompt_done(job, last[job], active)
+            pending = [j for j in pending if not j.done and j.fed < len(j.prepared.tokens)]
+        return budget
+
+    def _prompt_done(self, job: Job, idx: int, active: list[Job]) -> None:
+        """``job``'s whole prompt is in: its first token from batch output ``idx``.  Sibling
+        choices take the whole prompt's cells and its last logits: the same numbers as the first
+        choice, without processing the prompt again."""
+        slot = job.slot   # before the first token, which may end the job and free it
+        self._emit(job, idx)
+        for other in active:
+            if other.follow is job and not other.done:
+                self._copy(slot, other.slot, len(other.prepared.tokens))
+                other.fed, other.follow = len(other.prepared.tokens), None
+                self._emit(other, idx)
 
     def _add(self, n: int, job: Job, token: int, logits: bool) -> None:
         """Put ``token`` of ``job``'s sequence at index ``n`` of the batch."""
