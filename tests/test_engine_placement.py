@@ -156,7 +156,7 @@ def test_prompts_sharing_a_batch_take_the_same_number_of_tokens_each():
     assert equal_take([10, 30, 11], 64) == 8             # 10 and 9 would leave a lone token
     assert equal_take([40, 50], 16) == 16                # the budget's share
     assert equal_take([3, 30], 64) == 3 and equal_take([2, 9], 1) == 0
-    assert equal_take([3, 4], 64) == 2                   # 3 would leave the 4 with one
+    assert equal_take([3, 4], 64) == 0 and equal_take([3, 5], 64) == 3   # 3 or 2 would leave a lone token
     assert equal_take([2, 3, 4, 5], 64) == 0             # none fits: they go one batch each
     for remaining in ([5, 6, 7], [100, 101], [7, 9, 30]):
         take = equal_take(remaining, 64)
