@@ -3,9 +3,10 @@
 One engine thread per loaded model drives ``llama_decode`` over a context that
 holds several sequences (slots).  Each step decodes the next token of every
 generating sequence in one ``llama_batch``, then chunks of the prompts still being
-prefilled, each chunk in a batch of its own, never a lone prompt token (see
-:func:`reusable`); with ``invariant`` (``--batch-invariant``) cut at fixed positions (see
-:func:`chunk_end`).  A new request joins the running batch at the next step; a finished
+prefilled, never beside generating tokens and never a lone prompt token (see
+:func:`reusable`): prompts waiting together share a batch, the same number of tokens each
+(:func:`equal_take`); with ``invariant`` (``--batch-invariant``) each chunk is cut at fixed
+positions and goes in a batch of its own (see :func:`chunk_end`).  A new request joins the running batch at the next step; a finished
 or cancelled sequence frees its slot at once.  A slot keeps the tokens it last
 held in the KV cache, so a prompt sharing a prefix with them (the earlier turns
 of a chat) reuses those cells instead of processing them again.  A new request
