@@ -322,7 +322,8 @@ def test_full_queue_and_queue_timeout_are_overloaded(model, safetensors_model_pa
     from shimmy_plugins.backends.safetensors.safetensors_model import SafeTensorsModel
 
     # the waiter must still be queued when the second request comes, even on a loaded machine
-    settings = Settings(parallel=1, queue_size=1, queue_timeout=8.0)
+    # (20 s: a CI run once saw the second request come after the waiter's 8 s had run out)
+    settings = Settings(parallel=1, queue_size=1, queue_timeout=20.0)
     one_slot = SafeTensorsModel(model.info, model.model, model.tokenizer, model.device, settings,
                                 config=json.loads((safetensors_model_path / "config.json").read_text()),
                                 generation={"eos_token_id": 2})
@@ -339,8 +340,8 @@ def test_full_queue_and_queue_timeout_are_overloaded(model, safetensors_model_pa
         with pytest.raises(Overloaded) as full:
             one_slot.generate_choices([long], lambda: False)
         assert not full.value.timed_out and full.value.retry_after >= 1
-        waiter.join(timeout=30)
-        assert waiting["error"] is not None and waiting["error"].timed_out  # waited 8 s, then 503
+        waiter.join(timeout=60)
+        assert waiting["error"] is not None and waiting["error"].timed_out  # waited 20 s, then 503
         running.close()
     finally:
         one_slot.engine.close()
