@@ -88,10 +88,12 @@ def concurrent_streams(base: str, model_id: str, n: int, tokens: int, rounds: in
     }
 
 
-def llama_server(path: str, model: Path, slots: int, ctx_per_slot: int):
+def llama_server(path: str, model: Path, slots: int, ctx_per_slot: int, threads: int = 0, batch_threads: int = 0):
     """A command for llama.cpp's own server with Shimmy's settings: same slots, context per slot,
-    threads, flash attention off and one KV stream per slot."""
-    threads, batch_threads = engine_threads()
+    threads (unless given), flash attention off and one KV stream per slot."""
+    if not threads:
+        threads, batch_threads = engine_threads()
+    batch_threads = batch_threads or threads
     return lambda port: [path, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
                          "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(batch_threads),
                          "-fa", "off", "--no-kv-unified", "--no-webui"]

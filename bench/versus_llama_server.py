@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batching_bench import concurrent_streams  # noqa: E402
+from batching_bench import llama_server, streams_table  # noqa: E402
 from common import NO_CACHE, Server, demo_model_path  # noqa: E402
 
 SLOTS, CTX = 16, 1024
@@ -75,16 +75,15 @@ def prefill(server: Server, model_id: str, tokens: int, runs: int = 3) -> dict:
 
 
 def llama_server_command(path: str, model: Path, threads: str, slots: int, ctx: int):
+    """llama-server with Shimmy's slots and attention settings, at ``threads`` (``T`` or ``T,B``)."""
     t, _, b = threads.partition(",")
-    flags = ["-t", t] + (["-tb", b] if b else [])
-    return lambda port: [path, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
-                         "-c", str(slots * ctx), *flags, "-fa", "off", "--no-kv-unified", "--no-webui"]
+    return llama_server(path, model, slots, ctx, int(t), int(b or t))
 
 
 def decode_rows(base: str, model_id: str, counts: list[int], tokens: int, rounds: int) -> dict[int, dict]:
-    concurrent_streams(base, model_id, 1, 8)                # load
-    concurrent_streams(base, model_id, max(counts), 8)      # every slot has seen the prompt
-    return {n: concurrent_streams(base, model_id, n, tokens, rounds) for n in counts}
+    """batching_bench's rows (after a load and a round on fresh slots), by stream count."""
+    rows, _ = streams_table(base, model_id, counts, tokens, rounds)
+    return {row["streams"]: row for row in rows}
 
 
 def median_row(reps: list[dict]) -> dict:

@@ -363,7 +363,7 @@ class Engine:
         self._thread.join(timeout=30)
         self._llama.llama_batch_free(self._batch)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, object]:
         ctx = self._ctx.ctx   # llama.cpp's own thread counts: one-token steps, larger batches
         threads = {"threads": self._llama.llama_n_threads(ctx), "threads_batch": self._llama.llama_n_threads_batch(ctx)}
         if self._chooser is not None:  # what one-token steps took with each thread count
