@@ -4,7 +4,9 @@ copied cells give the same text is proven on the real model in test_batching.py.
 
 from __future__ import annotations
 
-from shimmy_plugins.backends.gguf.gguf_engine import Engine, Job, Slot, chunk_end, copy_worth, prompt_take, reusable
+from shimmy_plugins.backends.gguf.gguf_engine import (
+    Engine, Job, Slot, chunk_end, copy_worth, prompt_take, reusable, stream_runs,
+)
 
 
 class Recorder:
@@ -161,3 +163,36 @@ def test_prompts_sharing_a_batch_take_the_same_number_of_tokens_each():
     for remaining in ([5, 6, 7], [100, 101], [7, 9, 30]):
         take = equal_take(remaining, 64)
         assert take >= 2 and all(r - take != 1 for r in remaining)
+
+
+def test_stream_runs_counts_the_passes_llama_cpp_makes():
+    assert stream_runs([0, 1, 2, 3]) == 1
+    assert stream_runs([3, 1, 0, 4]) == 2
+    assert stream_runs([0, 2, 4, 6]) == 4
+    assert stream_runs([]) == 0
+
+
+def test_a_history_in_the_way_moves_to_the_least_recently_used_slot():
+    long_a, long_b = SYSTEM + list(range(200, 500)), SYSTEM + list(range(600, 750))
+    e = engine([SYSTEM + [9], long_a, long_b], busy={0})
+    e._slots[1].used, e._slots[2].used = 7, 3
+    # slot 2 served longer ago and goes, but slot 1 keeps the busy slots in one run: slot 1's
+    # history moves to slot 2, and the request takes slot 1
+    assert place(e, SYSTEM + [1, 2]) == (1, 40)
+    assert e._slots[2].tokens == long_a and e._slots[2].used == 7
+    assert ("cp", 1, 2, -1, -1) in e._llama.calls
+    assert e._slots[1].tokens == SYSTEM
+
+
+def test_an_empty_slot_in_the_way_is_simply_taken():
+    e = engine([SYSTEM + [9], [], SYSTEM + [5, 5]], busy={0})
+    e._slots[2].used = 1
+    assert place(e, [1, 2, 3]) == (1, 0)
+    assert not any(call[0] == "cp" for call in e._llama.calls)
+
+
+def test_a_slot_holding_the_prompt_is_not_moved_for_a_whole_run():
+    history = SYSTEM + list(range(200, 400))
+    e = engine([[8, 8], SYSTEM + list(range(600, 750)), history], busy={0})
+    assert place(e, history + [7, 8]) == (2, 240)  # its own cells beat a run split
+    assert not any(call[0] == "cp" for call in e._llama.calls)

@@ -210,6 +210,14 @@ def equal_take(remaining: Sequence[int], per: int) -> int:
     return take if take >= 2 else 0
 
 
+def stream_runs(seqs: Sequence[int]) -> int:
+    """How many runs of consecutive sequence ids ``seqs`` make: with one KV stream per slot,
+    llama.cpp splits a batch into a pass per run (``split_equal`` takes only consecutive
+    streams), so a batch over slots 0, 1, 3 and 4 costs two passes over the weights."""
+    ids = sorted(set(seqs))
+    return sum(1 for i, seq in enumerate(ids) if i == 0 or seq != ids[i - 1] + 1)
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -447,14 +455,19 @@ class Engine:
         """Pick a free slot for ``tokens`` and make its KV cells hold the longest prefix of
         them that any slot has; return the slot and how many prompt tokens it now holds.
 
-        The slot keeps the busy slots together: llama.cpp attends over the whole range of
-        KV streams a batch touches, idle ones included (two streams in slots 0 and 2 took
-        40 ms a step against 17 in slots 0 and 1).  Within that, the slot that already holds
-        the most of the prompt wins, then the lowest.  Slots holding a history worth keeping
-        (KEEP_HISTORY tokens the prompt does not share) come last, the least recently used
-        first: an idle chat's history outlives an unrelated request.  When another slot
-        (busy or not) holds a longer prefix, it is copied over (only with ``copy``) if that
-        saves :func:`copy_worth` prompt tokens.  What may be reused is :func:`reusable`'s."""
+        The slot keeps the busy slots together: llama.cpp computes each run of consecutive
+        KV streams in a batch as a pass of its own (:func:`stream_runs`; two streams in slots
+        0 and 2 took 40 ms a step against 17 in slots 0 and 1).  Within that, the slot that
+        already holds the most of the prompt wins, then the lowest.  Slots holding a history
+        worth keeping (KEEP_HISTORY tokens the prompt does not share) come last, the least
+        recently used first: an idle chat's history outlives an unrelated request.  When that
+        slot would split the busy ones into more runs than another free slot would (and holds
+        no more of the prompt than that one), the other slot's history moves into it (a copy
+        of its stream) and the request takes the other slot: the least recently used history
+        still goes, and the batch stays whole.  When another slot (busy or not) holds a
+        longer prefix, it is copied over (only with ``copy``) if that saves
+        :func:`copy_worth` prompt tokens.  What may be reused is
+        :func:`reusable`'s."""
         n = len(tokens)
 
         def usable(s: Slot) -> int:
@@ -470,6 +483,14 @@ class Engine:
             return keep_it, (s.used if keep_it else 0), span, -own[s.seq], s.seq
 
         slot = min(free, key=rank)
+        if busy:
+            tidy = min(free, key=lambda s: (stream_runs(busy + [s.seq]), rank(s)))
+            if (stream_runs(busy + [tidy.seq]) < stream_runs(busy + [slot.seq])
+                    and own[slot.seq] - own[tidy.seq] < self._worth):  # (else the prompt's cells would go)
+                if len(tidy.tokens) - shared[tidy.seq] >= KEEP_HISTORY:  # a history to keep: move it
+                    self._copy(tidy, slot, len(tidy.tokens))
+                    slot.used = tidy.used
+                slot = tidy
         donor = max(self._slots, key=usable)
         best = usable(donor)
         if copy and best - own[slot.seq] >= self._worth:
