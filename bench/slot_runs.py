@@ -1,15 +1,22 @@
-"""Two streams that run together, when the free slots all hold chat histories: do they land in
-neighbouring slots?  With one KV stream per slot, llama.cpp computes each run of consecutive
-streams in a batch as a pass of its own, so two streams in slots 0 and 2 cost two passes a step.
+"""Do running streams stay in neighbouring slots?  With one KV stream per slot, llama.cpp
+computes each run of consecutive streams in a batch as a pass of its own, so two streams in
+slots 0 and 2 cost two passes a step.
 
     .venv/bin/python bench/slot_runs.py [--tokens 256] [--repeat 3]
 
-On a ``--parallel 4 --ctx-size 1024`` server: four chats fill slots 0-3 (one turn each), the
-second chat gets another turn (so the third is now the least recently used), then two new
-streams start together.  The first takes the least recently used slot; the second would take
-the next least recently used one, two slots away; the engine instead moves the chat in its way
-to that slot and takes the neighbouring one.  Printed: the two streams' aggregate tokens/s, and
-whether the second chat's next turn still finds its cells (``cached_tokens``).
+- ``histories``: on a ``--parallel 4 --ctx-size 1024`` server, four chats fill slots 0-3 (one
+  turn each), the second chat gets another turn (so the third is now the least recently used),
+  then two new streams start together.  The first takes the least recently used slot; the
+  second would take the next least recently used one, two slots away; the engine instead moves
+  the chat in its way to that slot and takes the neighbouring one.  Printed: the two streams'
+  aggregate tokens/s, and whether the moved chat's next turn still finds its cells
+  (``cached_tokens``).
+- ``passes``: bare llama-cpp-python (16 sequences of 1024 cells, one KV stream each, the
+  engine's default threads): the time of a step of one token per sequence, for sets of slots
+  with and without gaps (median of 9 steps, three passes).
+- ``gap``: on a ``--parallel 3`` server, streams in slots 0, 1 and 2, the middle one 16 tokens
+  long: when it ends, the engine moves the third stream down into its slot.  Printed: the
+  aggregate tokens/s of the two long streams.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import time
 
 import httpx
 
-from common import EOS_ID, NO_CACHE, Server, demo_model_path
+from common import EOS_ID, NO_CACHE, Server, demo_model_path, engine_threads
 
 MODEL = demo_model_path().name[: -len(".gguf")]
 
@@ -69,11 +76,88 @@ def one_run(tokens: int) -> dict:
         server.stop()
 
 
+def passes() -> None:
+    import llama_cpp as low
+
+    threads, batch_threads = engine_threads()
+    low.llama_backend_init()
+    model = low.llama_model_load_from_file(str(demo_model_path()).encode(), low.llama_model_default_params())
+    params = low.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 16 * 1024, 512, 512, 16
+    params.kv_unified, params.no_perf = False, True
+    params.n_threads, params.n_threads_batch = threads, batch_threads
+    params.flash_attn_type = low.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = low.llama_init_from_model(model, params)
+    batch = low.llama_batch_init(512, 0, 1)
+    position: dict[int, int] = {}
+
+    def step(seqs: list[int], n: int = 1) -> float:
+        k = 0
+        for seq in seqs:
+            for j in range(n):
+                batch.token[k], batch.pos[k], batch.n_seq_id[k] = 100 + j, position.get(seq, 0), 1
+                batch.seq_id[k][0], batch.logits[k] = seq, j == n - 1
+                position[seq] = position.get(seq, 0) + 1
+                k += 1
+        batch.n_tokens = k
+        started = time.perf_counter()
+        if low.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        return (time.perf_counter() - started) * 1000
+
+    for seq in range(8):
+        step([seq], 40)  # a 40-token prompt in each
+    sets = ([0, 1], [0, 2], [0, 1, 2], [0, 1, 3], [0, 1, 2, 3], [0, 1, 3, 4])
+    for n in range(3):
+        print(f"pass {n + 1}: " + ", ".join(
+            f"{seqs} {statistics.median(step(seqs) for _ in range(9)):.1f} ms" for seqs in sets))
+
+
+def gap_run(tokens: int) -> float:
+    server = Server(demo_model_path(), "--parallel", "3", "--ctx-size", "1024")
+    try:
+        def stream(content: str, n: int, first: threading.Event, out: list) -> None:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": n,
+                    "temperature": 0, "stream": True, "logit_bias": {str(EOS_ID): -100},
+                    "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", server.base + "/v1/chat/completions", json=body, headers=NO_CACHE,
+                              timeout=600) as reply:
+                for line in reply.iter_lines():
+                    first.set()
+                    if '"completion_tokens"' in line:
+                        out.append(int(line.split('"completion_tokens":')[1].split(",")[0].split("}")[0]))
+
+        chat(server.base, [{"role": "user", "content": "Hello"}], 2)  # load the model
+        counts: list[int] = []
+        threads = []
+        start = time.perf_counter()
+        for i, n in enumerate((tokens, 16, tokens)):  # slots 0, 1, 2, in turn
+            first = threading.Event()
+            out = counts if n == tokens else []
+            threads.append(threading.Thread(target=stream, args=(f"Write a long poem, number {i}.", n, first, out)))
+            threads[-1].start()
+            first.wait(60)
+        for t in threads:
+            t.join()
+        return sum(counts) / (time.perf_counter() - start)
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--scenario", choices=("histories", "passes", "gap"), default="histories")
     args = parser.parse_args()
+    if args.scenario == "passes":
+        passes()
+        return
+    if args.scenario == "gap":
+        rates = [gap_run(args.tokens) for _ in range(args.repeat)]
+        print(f"two streams of {args.tokens} tokens around a 16-token one: {statistics.median(rates):.1f} tok/s "
+              f"aggregate (runs: {', '.join(f'{x:.1f}' for x in rates)})")
+        return
     runs = [one_run(args.tokens) for _ in range(args.repeat)]
     rates = [r["rate"] for r in runs]
     print(f"two streams of {args.tokens} tokens: {statistics.median(rates):.1f} tok/s aggregate "

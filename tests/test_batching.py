@@ -102,6 +102,33 @@ def test_prompts_computed_together_give_the_numbers_they_give_alone(client, serv
     assert together == alone
 
 
+def test_a_sequence_moved_into_a_gap_gives_the_text_it_gives_alone(start_server, smollm2_path):
+    """Streams in slots 0, 1 and 2; the middle one goes away, and the engine moves the third down
+    into its slot (the busy slots one run again: one pass a step).  The moved stream's greedy
+    text is the one it gives alone."""
+    srv = start_server(["--model", str(smollm2_path), "--no-demo", "--parallel", "3"])
+    client = openai.OpenAI(base_url=srv.url, api_key="sk-local", max_retries=0, timeout=120)
+    banned = {"logit_bias": {"2": -100}, "temperature": 0, "max_tokens": 40}
+
+    def started(content: str):
+        stream = iter(client.chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": content}], stream=True, extra_headers=NO_CACHE,
+            **banned))
+        first = next(c for c in stream if c.choices and c.choices[0].delta.content)
+        return first.choices[0].delta.content, stream
+
+    head_a, rest_a = started(PROMPTS[0])                       # slot 0
+    middle = open_stream(srv)                                  # slot 1
+    head_c, rest_c = started(PROMPTS[1])                       # slot 2
+    middle.close()                                             # slot 1 frees while 0 and 2 run
+    text_a = head_a + "".join(c.choices[0].delta.content or "" for c in rest_a if c.choices)
+    text_c = head_c + "".join(c.choices[0].delta.content or "" for c in rest_c if c.choices)
+    models = httpx.get(srv.base + "/health", timeout=10).json()["models"]
+    assert sum(m["moved_sequences"] for m in models if m["id"] == MODEL_ID) >= 1
+    assert text_c == stream_text(client, PROMPTS[1], **banned)
+    assert text_a == stream_text(client, PROMPTS[0], **banned)
+
+
 def test_batch_invariant_a_continued_chat_gives_the_numbers_of_a_fresh_server(start_server, smollm2_path):
     """--batch-invariant: a greedy chat continued from the cache (its earlier prompt and answer in
     a slot) gives bit-identical logprobs to the whole conversation sent to a server that never

@@ -4,6 +4,7 @@ copied cells give the same text is proven on the real model in test_batching.py.
 
 from __future__ import annotations
 
+from shimmy_core.plugin_api import PreparedPrompt
 from shimmy_plugins.backends.gguf.gguf_engine import (
     Engine, Job, Slot, chunk_end, copy_worth, prompt_take, reusable, stream_runs,
 )
@@ -196,3 +197,55 @@ def test_a_slot_holding_the_prompt_is_not_moved_for_a_whole_run():
     e = engine([[8, 8], SYSTEM + list(range(600, 750)), history], busy={0})
     assert place(e, history + [7, 8]) == (2, 240)  # its own cells beat a run split
     assert not any(call[0] == "cp" for call in e._llama.calls)
+
+
+def generating(e: Engine, seq: int) -> Job:
+    """Make slot ``seq`` run a job whose prompt is all in (a generating sequence)."""
+    job = object.__new__(Job)
+    job.done, job.follow, job.fed, job.prepared = False, None, 0, PreparedPrompt("", (), 1)
+    job.slot, e._slots[seq].job = e._slots[seq], job
+    return job
+
+
+def gapped(slots: list[list[int]], running: list[int]) -> tuple[Engine, dict[int, Job]]:
+    e = engine(slots)
+    e._moved = 0
+    return e, {seq: generating(e, seq) for seq in running}
+
+
+def test_a_gap_between_running_sequences_is_closed_by_moving_the_highest_down():
+    e, jobs = gapped([[1, 1], [2, 2], [3, 3, 3], []], running=[0, 2])
+    e._close_gaps()
+    assert e._slots[1].job is jobs[2] and jobs[2].slot is e._slots[1] and e._slots[2].job is None
+    assert e._llama.calls == [("rm", 1, -1, -1), ("cp", 2, 1, -1, -1), ("rm", 1, 3, -1)]
+    assert e._slots[1].tokens == [3, 3, 3] and e._moved == 1
+
+
+def test_the_gaps_history_moves_to_a_free_slot_first():
+    history = SYSTEM + list(range(200, 400))
+    e, jobs = gapped([[1], history, [3, 3], [4]], running=[0, 2])
+    e._slots[1].used = 5
+    e._close_gaps()
+    assert e._slots[3].tokens == history and e._slots[3].used == 5   # kept, one slot up
+    assert e._slots[1].job is jobs[2] and e._slots[1].tokens == [3, 3]
+    assert [c[:3] for c in e._llama.calls if c[0] == "cp"] == [("cp", 1, 3), ("cp", 2, 1)]
+
+
+def test_no_history_is_given_up_to_close_a_gap():
+    history = SYSTEM + list(range(200, 400))
+    e, jobs = gapped([[1], history, [3, 3], history + [5]], running=[0, 2])
+    e._close_gaps()
+    assert e._slots[2].job is jobs[2] and e._llama.calls == []
+
+
+def test_a_sequence_still_reading_its_prompt_stays_put():
+    e, jobs = gapped([[1], [], [3, 3]], running=[0, 2])
+    jobs[2].fed, jobs[2].prepared = 0, PreparedPrompt("", (7, 7, 7), 1)
+    e._close_gaps()
+    assert e._slots[2].job is jobs[2] and e._llama.calls == []
+
+
+def test_two_gaps_close_in_two_moves():
+    e, jobs = gapped([[1], [], [], [4], [5]], running=[0, 3, 4])
+    e._close_gaps()
+    assert [s.seq for s in e._slots if s.job is not None] == [0, 1, 2] and e._moved == 2

@@ -307,6 +307,7 @@ class Engine:
         self._worth = copy_worth(llama_cpp.llama_n_ctx_seq(ctx.ctx))
         self._prompt_decoded = 0      # prompt tokens llama.cpp processed (not reused)
         self._shared_prompt_batches = 0   # llama_decode calls that held several prompts
+        self._moved = 0               # running sequences moved down into a gap (_close_gaps)
         self._admitted = 0            # jobs given a slot so far (the clock of Slot.used)
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Lock()
@@ -380,13 +381,15 @@ class Engine:
         with self._lock:
             return {"busy_slots": sum(1 for s in self._slots if s.job), "queued": len(self._waiting),
                     "prompt_tokens_decoded": self._prompt_decoded,
-                    "shared_prompt_batches": self._shared_prompt_batches, **threads}
+                    "shared_prompt_batches": self._shared_prompt_batches, "moved_sequences": self._moved,
+                    **threads}
 
     # ------------------------------------------------------------ engine thread
     def _run(self) -> None:
         while True:
             with self._lock:
                 dropped = self._admit()
+                self._close_gaps()
                 active = [s.job for s in self._slots if s.job is not None]
                 closing = self._closing
                 idle = not any(self._runnable(j) for j in active)
@@ -449,6 +452,37 @@ class Engine:
             job.text.cached = keep
             job.sink.admitted.set()
         return dropped
+
+    def _close_gaps(self) -> None:
+        """Move running sequences down into free slots between busy ones, so that the busy
+        slots form one run (called with the lock held).  A sequence that ended between two
+        others leaves a gap that makes every later step two passes (:func:`stream_runs`);
+        moving the highest generating sequence into it costs a copy of its stream once.  The
+        gap's own history, when worth keeping, first moves to a free slot holding none; when
+        there is no such slot the gap stays (no history is given up for it)."""
+        while True:
+            busy = [s for s in self._slots if s.job is not None]
+            seqs = [s.seq for s in busy]
+            if stream_runs(seqs) <= 1:
+                return
+            top = max(busy, key=lambda s: s.seq)
+            job = top.job
+            hole = next(s for s in self._slots if s.job is None and s.seq < top.seq)
+            if job.done or job.follow is not None or job.fed < len(job.prepared.tokens):
+                return  # only a generating sequence moves (a prompt's siblings follow its slot)
+            after = [q for q in seqs if q != top.seq] + [hole.seq]
+            if (stream_runs(after), max(after) - min(after)) >= (stream_runs(seqs), max(seqs) - min(seqs)):
+                return
+            if len(hole.tokens) >= KEEP_HISTORY:
+                spare = next((s for s in reversed(self._slots) if s.job is None and s is not hole
+                              and len(s.tokens) < KEEP_HISTORY), None)
+                if spare is None:
+                    return
+                self._copy(hole, spare, len(hole.tokens))
+                spare.used = hole.used
+            self._copy(top, hole, len(top.tokens))
+            hole.job, hole.used, job.slot, top.job = job, top.used, hole, None
+            self._moved += 1
 
     def _place(self, tokens: Sequence[int], free: list[Slot], copy: bool = True,
                exact: bool = False) -> tuple[Slot, int]:
