@@ -11,8 +11,8 @@ slots 0 and 2 cost two passes a step.
   the chat in its way to that slot and takes the neighbouring one.  Printed: the two streams'
   aggregate tokens/s, and whether the moved chat's next turn still finds its cells
   (``cached_tokens``).
-- ``passes``: bare llama-cpp-python (16 sequences of 1024 cells, one KV stream each, the
-  engine's default threads): the time of a step of one token per sequence, for sets of slots
+- ``passes``: bare llama-cpp-python (``batch_invariance.Context``: 16 sequences of 1024 cells,
+  the engine's context settings): the time of a step of one token per sequence, for sets of slots
   with and without gaps (median of 9 steps, three passes).
 - ``gap``: on a ``--parallel 3`` server, streams in slots 0, 1 and 2, the middle one 16 tokens
   long: when it ends, the engine moves the third stream down into its slot.  Printed: the
@@ -28,7 +28,8 @@ import time
 
 import httpx
 
-from common import EOS_ID, NO_CACHE, Server, demo_model_path, engine_threads
+from batch_invariance import Context
+from common import EOS_ID, NO_CACHE, Server, demo_model_path
 
 MODEL = demo_model_path().name[: -len(".gguf")]
 
@@ -77,32 +78,17 @@ def one_run(tokens: int) -> dict:
 
 
 def passes() -> None:
-    import llama_cpp as low
-
-    threads, batch_threads = engine_threads()
-    low.llama_backend_init()
-    model = low.llama_model_load_from_file(str(demo_model_path()).encode(), low.llama_model_default_params())
-    params = low.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 16 * 1024, 512, 512, 16
-    params.kv_unified, params.no_perf = False, True
-    params.n_threads, params.n_threads_batch = threads, batch_threads
-    params.flash_attn_type = low.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = low.llama_init_from_model(model, params)
-    batch = low.llama_batch_init(512, 0, 1)
+    c = Context(str(demo_model_path()), n_seq=16)  # the engine's context settings
     position: dict[int, int] = {}
 
     def step(seqs: list[int], n: int = 1) -> float:
-        k = 0
+        items = []
         for seq in seqs:
             for j in range(n):
-                batch.token[k], batch.pos[k], batch.n_seq_id[k] = 100 + j, position.get(seq, 0), 1
-                batch.seq_id[k][0], batch.logits[k] = seq, j == n - 1
+                items.append((seq, position.get(seq, 0), 100 + j))
                 position[seq] = position.get(seq, 0) + 1
-                k += 1
-        batch.n_tokens = k
         started = time.perf_counter()
-        if low.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
+        c.decode(items)
         return (time.perf_counter() - started) * 1000
 
     for seq in range(8):

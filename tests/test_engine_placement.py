@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from shimmy_core.plugin_api import PreparedPrompt
 from shimmy_plugins.backends.gguf.gguf_engine import (
-    Engine, Job, Slot, chunk_end, copy_worth, prompt_take, reusable, stream_runs,
+    Engine, Job, Sink, Slot, chunk_end, copy_worth, prompt_take, reusable, stream_runs,
 )
 
 
@@ -202,7 +202,7 @@ def test_a_slot_holding_the_prompt_is_not_moved_for_a_whole_run():
 def generating(e: Engine, seq: int) -> Job:
     """Make slot ``seq`` run a job whose prompt is all in (a generating sequence)."""
     job = object.__new__(Job)
-    job.done, job.follow, job.fed, job.prepared = False, None, 0, PreparedPrompt("", (), 1)
+    job.sink, job.follow, job.fed, job.prepared = Sink(lambda: None), None, 0, PreparedPrompt("", (), 1)
     job.slot, e._slots[seq].job = e._slots[seq], job
     return job
 
@@ -241,6 +241,13 @@ def test_no_history_is_given_up_to_close_a_gap():
 def test_a_sequence_still_reading_its_prompt_stays_put():
     e, jobs = gapped([[1], [], [3, 3]], running=[0, 2])
     jobs[2].fed, jobs[2].prepared = 0, PreparedPrompt("", (7, 7, 7), 1)
+    e._close_gaps()
+    assert e._slots[2].job is jobs[2] and e._llama.calls == []
+
+
+def test_a_cancelled_sequence_is_not_moved_it_ends_at_the_next_step():
+    e, jobs = gapped([[1], [], [3, 3]], running=[0, 2])
+    jobs[2].sink.cancelled = True
     e._close_gaps()
     assert e._slots[2].job is jobs[2] and e._llama.calls == []
 

@@ -1,19 +1,21 @@
 """Continuous batching for one GGUF model on llama.cpp.
 
-One engine thread per loaded model drives ``llama_decode`` over a context that
-holds several sequences (slots).  Each step decodes the next token of every
-generating sequence in one ``llama_batch``, then chunks of the prompts still being
-prefilled, never beside generating tokens and never a lone prompt token (see
-:func:`reusable`): prompts waiting together share a batch, the same number of tokens each
-(:func:`equal_take`); with ``invariant`` (``--batch-invariant``) each chunk is cut at fixed
-positions and goes in a batch of its own (see :func:`chunk_end`).  A new request joins the running batch at the next step; a finished
-or cancelled sequence frees its slot at once.  A slot keeps the tokens it last
-held in the KV cache, so a prompt sharing a prefix with them (the earlier turns
-of a chat) reuses those cells instead of processing them again.  A new request
-can also take a longer prefix (a system prompt) from any other slot, busy or
-not: llama.cpp copies that slot's KV stream.  Every slot keeps its own stream.
-How far a sequence's numbers depend on what runs beside it is a matter of llama.cpp's
-kernels for the model's weight types: docs/operations.md says what is promised.
+One engine thread per loaded model drives ``llama_decode`` over a context that holds several
+sequences (slots). Each step decodes the next token of every generating sequence in one
+``llama_batch``, then chunks of the prompts still being prefilled, never beside generating
+tokens and never a lone prompt token (see :func:`reusable`): prompts waiting together share
+a batch, the same number of tokens each (:func:`equal_take`); with ``invariant``
+(``--batch-invariant``) each chunk is cut at fixed positions and goes in a batch of its own
+(see :func:`chunk_end`). A new request joins the running batch at the next step; a finished
+or cancelled sequence frees its slot at once. A slot keeps the tokens it last held in the KV
+cache, so a prompt sharing a prefix with them (the earlier turns of a chat) reuses those
+cells instead of processing them again. A new request can also take a longer prefix (a
+system prompt) from any other slot, busy or not: llama.cpp copies that slot's KV stream.
+Every slot keeps its own stream, and busy slots are kept next to each other (llama.cpp
+computes each run of consecutive streams as a pass of its own: :meth:`Engine._place`,
+:meth:`Engine._close_gaps`). How far a sequence's numbers depend on what runs beside it
+is a matter of llama.cpp's kernels for the model's weight types: docs/operations.md says
+what is promised.
 
 Request threads never touch llama.cpp here: they submit jobs and read their
 chunks from a bounded buffer.  The engine never waits on a slow reader: a job
@@ -468,8 +470,9 @@ class Engine:
             top = max(busy, key=lambda s: s.seq)
             job = top.job
             hole = next(s for s in self._slots if s.job is None and s.seq < top.seq)
-            if job.done or job.follow is not None or job.fed < len(job.prepared.tokens):
-                return  # only a generating sequence moves (a prompt's siblings follow its slot)
+            if job.sink.cancelled or job.follow is not None or job.fed < len(job.prepared.tokens):
+                return  # only a generating sequence moves (a prompt's siblings follow its slot;
+                        # a cancelled one ends at the next step anyway)
             after = [q for q in seqs if q != top.seq] + [hole.seq]
             if (stream_runs(after), max(after) - min(after)) >= (stream_runs(seqs), max(seqs) - min(seqs)):
                 return
@@ -478,10 +481,9 @@ class Engine:
                               and len(s.tokens) < KEEP_HISTORY), None)
                 if spare is None:
                     return
-                self._copy(hole, spare, len(hole.tokens))
-                spare.used = hole.used
-            self._copy(top, hole, len(top.tokens))
-            hole.job, hole.used, job.slot, top.job = job, top.used, hole, None
+                self._move(hole, spare)
+            self._move(top, hole)
+            hole.job, job.slot, top.job = job, hole, None
             self._moved += 1
 
     def _place(self, tokens: Sequence[int], free: list[Slot], copy: bool = True,
@@ -511,8 +513,11 @@ class Engine:
         shared = {s.seq: _common_prefix(s.tokens, tokens) for s in free}
         busy = [s.seq for s in self._slots if s.job is not None]
 
+        def worth_keeping(s: Slot) -> bool:
+            return len(s.tokens) - shared[s.seq] >= KEEP_HISTORY
+
         def rank(s: Slot) -> tuple[bool, int, int, int, int]:
-            keep_it = len(s.tokens) - shared[s.seq] >= KEEP_HISTORY
+            keep_it = worth_keeping(s)
             span = max(busy + [s.seq]) - min(busy + [s.seq])
             return keep_it, (s.used if keep_it else 0), span, -own[s.seq], s.seq
 
@@ -521,9 +526,8 @@ class Engine:
             tidy = min(free, key=lambda s: (stream_runs(busy + [s.seq]), rank(s)))
             if (stream_runs(busy + [tidy.seq]) < stream_runs(busy + [slot.seq])
                     and own[slot.seq] - own[tidy.seq] < self._worth):  # (else the prompt's cells would go)
-                if len(tidy.tokens) - shared[tidy.seq] >= KEEP_HISTORY:  # a history to keep: move it
-                    self._copy(tidy, slot, len(tidy.tokens))
-                    slot.used = tidy.used
+                if worth_keeping(tidy):
+                    self._move(tidy, slot)
                 slot = tidy
         donor = max(self._slots, key=usable)
         best = usable(donor)
@@ -544,6 +548,12 @@ class Engine:
         self._llama.llama_memory_seq_rm(self._memory, slot.seq, keep, -1)
         slot.tokens[:] = donor.tokens[:keep]
         slot.canon = min(donor.canon, keep)
+
+    def _move(self, source: Slot, target: Slot) -> None:
+        """Give ``target`` all of ``source``'s cells and its place in the least-recently-used
+        order (``source`` keeps a copy until it is reused)."""
+        self._copy(source, target, len(source.tokens))
+        target.used = source.used
 
     def _release(self, job: Job) -> None:
         slot = job.slot
