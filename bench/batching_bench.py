@@ -23,6 +23,7 @@ Prints Markdown tables for docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -34,6 +35,7 @@ import httpx
 
 from common import EOS_ID, NO_CACHE, Server, demo_model_path, engine_threads, in_process_rate
 
+_numbers = itertools.count(1)
 TOPICS = ["a lighthouse keeper", "a lost robot", "the first rain on Mars", "a baker's secret",
           "a dragon who hates fire", "a library at night", "a tiny submarine", "an old clock"]
 
@@ -58,17 +60,20 @@ def one_stream(client, model_id: str, topic: str, tokens: int, result: dict) -> 
         result.update(error=f"{type(exc).__name__}: {exc}", start=sent, end=time.perf_counter())
 
 
-def concurrent_streams(base: str, model_id: str, n: int, tokens: int, rounds: int = 1) -> dict:
+def concurrent_streams(base: str, model_id: str, n: int, tokens: int, rounds: int = 1, distinct: bool = False) -> dict:
     """``n`` streams at once, ``rounds`` times; aggregate tokens/s is the median round's,
-    TTFT percentiles are over every stream of every round."""
+    TTFT percentiles are over every stream of every round.  ``distinct``: every request's
+    prompt is new (a running number after the topic), so no server finds a whole prompt in its
+    cache, only the chat template's start; otherwise the 8 topics repeat, round after round."""
     import openai
 
     client = openai.OpenAI(base_url=base + "/v1", api_key="local", max_retries=0, timeout=600)
     aggregates, ttfts, complete = [], [], 0
     for _ in range(rounds):
         results = [dict() for _ in range(n)]
-        threads = [threading.Thread(target=one_stream, args=(client, model_id, TOPICS[i % len(TOPICS)], tokens, r))
-                   for i, r in enumerate(results)]
+        topics = [TOPICS[i % len(TOPICS)] + (f" (story {next(_numbers)})" if distinct else "") for i in range(n)]
+        threads = [threading.Thread(target=one_stream, args=(client, model_id, topic, tokens, r))
+                   for topic, r in zip(topics, results)]
         start = time.perf_counter()
         for t in threads:
             t.start()
@@ -134,11 +139,12 @@ def overload(base: str, model_id: str, clients: int, tokens: int) -> dict:
     return {"outcomes": counts, "hung": hung, "after": after}
 
 
-def streams_table(base: str, model_id: str, counts: list[int], tokens: int, rounds: int) -> tuple[list[dict], dict]:
+def streams_table(base: str, model_id: str, counts: list[int], tokens: int, rounds: int,
+                  distinct: bool = False) -> tuple[list[dict], dict]:
     """The rows, after a first round on fresh slots (only one has seen the system prompt)."""
     concurrent_streams(base, model_id, 1, 8)  # load the model
-    fresh = concurrent_streams(base, model_id, max(counts), 8)
-    return [concurrent_streams(base, model_id, n, tokens, rounds) for n in counts], fresh
+    fresh = concurrent_streams(base, model_id, max(counts), 8, distinct=distinct)
+    return [concurrent_streams(base, model_id, n, tokens, rounds, distinct) for n in counts], fresh
 
 
 def main() -> None:

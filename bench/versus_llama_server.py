@@ -3,11 +3,13 @@ setting for this machine, in one run.
 
     .venv/bin/python bench/versus_llama_server.py --llama-server PATH [--streams 1,4,8,16]
         [--tokens 128] [--rounds 3] [--prompt-tokens 3000] [--thread-sets "1;2;1,2"]
-        [--shimmy-args "..."] [--shimmy-args "--threads 1 --threads-batch 2" ...]
+        [--shimmy-args "..."] [--shimmy-args "--threads 1 --threads-batch 2" ...] [--distinct-prompts]
 
 - Decode: 1, 4, 8 and 16 concurrent streams (openai SDK, streaming, greedy, the output length
   fixed by ``max_tokens`` and a ``logit_bias`` banning SmolLM2's end-of-turn token, the response
-  cache bypassed).  llama-server runs once per thread setting in ``--thread-sets`` (``T`` is
+  cache bypassed).  The 8 prompts repeat round after round, so both servers find them in
+  their caches; ``--distinct-prompts`` makes every request's prompt new (only the chat
+  template's start is cached).  llama-server runs once per thread setting in ``--thread-sets`` (``T`` is
   ``-t T``, ``T,B`` is ``-t T -tb B``); for each stream count the best of them is its row.
   Shimmy runs once per ``--shimmy-args`` (none: its defaults); the ratio is the first one's.
 - Prefill: time to the first token of one ``--prompt-tokens`` prompt, new each time (its first
@@ -80,9 +82,10 @@ def llama_server_command(path: str, model: Path, threads: str, slots: int, ctx: 
     return llama_server(path, model, slots, ctx, int(t), int(b or t))
 
 
-def decode_rows(base: str, model_id: str, counts: list[int], tokens: int, rounds: int) -> dict[int, dict]:
+def decode_rows(base: str, model_id: str, counts: list[int], tokens: int, rounds: int,
+                distinct: bool) -> dict[int, dict]:
     """batching_bench's rows (after a load and a round on fresh slots), by stream count."""
-    rows, _ = streams_table(base, model_id, counts, tokens, rounds)
+    rows, _ = streams_table(base, model_id, counts, tokens, rounds, distinct)
     return {row["streams"]: row for row in rows}
 
 
@@ -106,6 +109,8 @@ def main() -> None:
                         help="llama-server thread settings to try, ';'-separated: T or T,B (default: 1..cores)")
     parser.add_argument("--shimmy-args", action="append", default=None,
                         help="`shimmy serve` arguments of one Shimmy column (repeatable; default: one, none)")
+    parser.add_argument("--distinct-prompts", action="store_true",
+                        help="a new prompt for every request (no server finds a whole prompt in its cache)")
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--prefill-runs", type=int, default=3, help="prompts per prefill server (median)")
@@ -130,14 +135,14 @@ def main() -> None:
             server = Server(model, "--parallel", str(SLOTS), "--ctx-size", str(CTX), *shlex.split(flags))
             try:
                 runs.setdefault(("shimmy", flags), []).append(
-                    decode_rows(server.base, model_id, counts, args.tokens, args.rounds))
+                    decode_rows(server.base, model_id, counts, args.tokens, args.rounds, args.distinct_prompts))
             finally:
                 server.stop()
         for threads in thread_sets:
             server = Server(model, command=llama_server_command(args.llama_server, model, threads, SLOTS, CTX))
             try:
                 runs.setdefault(("llama", threads), []).append(
-                    decode_rows(server.base, model_id, counts, args.tokens, args.rounds))
+                    decode_rows(server.base, model_id, counts, args.tokens, args.rounds, args.distinct_prompts))
             finally:
                 server.stop()
     pre: dict[str, list[dict]] = {}

@@ -65,19 +65,52 @@ def probe(client, messages, **kwargs):
     return numbers, r.usage
 
 
-def test_a_cached_prompt_gives_the_same_numbers_as_a_fresh_one(client):
-    """The prefix cache changes no number of a greedy request for the demo model: a prompt
-    computed from scratch and the same prompt again, all but its last two tokens from the cache,
-    give bit-identical logprobs, over many prompt lengths.  (Computing its last token alone, as
-    the engine once did, changed the logits at a third of the lengths: bench/batch_invariance.py.)"""
+def test_a_cached_prompt_gives_the_same_numbers_as_a_fresh_one(client, start_server, smollm2_path):
+    """The prefix cache changes no number of a greedy request for the demo model, over many
+    prompt lengths: a prompt computed from scratch (on a server that never saw it), the same
+    prompt with all but its last two tokens from the cache (the cells a longer chat left), and
+    the same prompt once more (held whole, started from the logits the last time stored) give
+    bit-identical logprobs.  (Computing its last token alone, as the engine once did, changed
+    the logits at a third of the lengths: bench/batch_invariance.py.)"""
+    fresh_server = start_server(["--model", str(smollm2_path), "--no-demo"])
+    fresh_client = openai.OpenAI(base_url=fresh_server.url, api_key="sk-local", max_retries=0, timeout=120)
     nonce = uuid.uuid4().hex[:8]
     for n in range(0, 40, 3):
         messages = [{"role": "user", "content": f"{nonce} {n}: {BIRDS} " + " ".join(f"fish {i}" for i in range(n))}]
-        fresh, fresh_usage = probe(client, messages)
+        fresh, fresh_usage = probe(fresh_client, messages)
+        probe(client, messages + [{"role": "assistant", "content": "Noted."}, {"role": "user", "content": "More?"}])
         again, again_usage = probe(client, messages)
-        assert again_usage.prompt_tokens_details.cached_tokens == again_usage.prompt_tokens - 2
+        held, held_usage = probe(client, messages)
         assert fresh_usage.prompt_tokens_details.cached_tokens < 100  # the system prompt at most
+        assert again_usage.prompt_tokens_details.cached_tokens == again_usage.prompt_tokens - 2
+        assert held_usage.prompt_tokens_details.cached_tokens == held_usage.prompt_tokens
         assert again == fresh, n
+        assert held == fresh, n
+
+
+def stored_starts(server) -> int:
+    """Requests whose prompt a slot held whole, started from its stored logits."""
+    models = httpx.get(server.base + "/health", timeout=10).json()["models"]
+    return sum(m.get("stored_logits_starts", 0) for m in models if m["id"] == MODEL_ID)
+
+
+def test_the_same_prompt_again_computes_nothing_and_answers_the_same(client, server):
+    """A prompt a slot holds whole (the same request again, the response cache bypassed) starts
+    from the logits its last computation stored: no prompt token is computed, and greedy, seeded
+    and n-choice requests give what they gave the first time."""
+    content = f"{uuid.uuid4().hex[:8]} Write a haiku about the sea."
+    first = chat(client, content, temperature=0)
+    before, starts = decoded(server), stored_starts(server)
+    assert chat(client, content, temperature=0) == first
+    assert decoded(server) == before
+    assert stored_starts(server) == starts + 1
+    seeded = chat(client, content, temperature=1.0, seed=11)
+    assert [chat(client, content, temperature=1.0, seed=11) for _ in range(2)] == [seeded, seeded]
+    r = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": content}], n=3,
+                                       max_tokens=32, temperature=0, extra_headers=NO_CACHE)
+    assert [c.message.content for c in r.choices] == [first] * 3
+    assert r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens
+    assert decoded(server) == before
 
 
 def _shared_prompt_batches(server) -> int:

@@ -256,3 +256,35 @@ def test_two_gaps_close_in_two_moves():
     e, jobs = gapped([[1], [], [], [4], [5]], running=[0, 3, 4])
     e._close_gaps()
     assert [s.seq for s in e._slots if s.job is not None] == [0, 1, 2] and e._moved == 2
+
+
+def test_a_prompt_held_whole_with_its_logits_is_reused_whole():
+    e = engine([[], SYSTEM + [1, 2, 50, 51, 52], []])  # the prompt, then the answer it got
+    e._slots[1].last = (42, "logits of token 42")
+    assert place(e, SYSTEM + [1, 2]) == (1, 42)  # nothing to compute: the stored logits start it
+    assert e._slots[1].tokens == SYSTEM + [1, 2]
+    assert e._slots[1].last == (42, "logits of token 42")
+    assert e._llama.calls == [("rm", 1, 42, -1)]
+
+
+def test_stored_logits_of_another_prompt_length_are_dropped_with_their_cells():
+    e = engine([SYSTEM + [1, 2, 3, 4]])
+    e._slots[0].last = (44, "logits of token 44")
+    assert place(e, SYSTEM + [1, 2]) == (0, 40)  # the last two computed again, as for any prefix
+    assert e._slots[0].last is None
+
+
+def test_stored_logits_of_a_shorter_prompt_outlive_a_longer_one():
+    e = engine([SYSTEM + [1, 2]])
+    e._slots[0].last = (42, "logits of token 42")
+    assert place(e, SYSTEM + [1, 2, 3, 4, 5]) == (0, 42)  # its cells stay, so do their logits
+    assert e._slots[0].last == (42, "logits of token 42")
+
+
+def test_a_copy_carries_stored_logits_only_with_all_their_cells():
+    e = engine([SYSTEM + [1, 2, 9, 9], [], []], busy={0})
+    e._slots[0].last = (42, "logits of token 42")
+    assert place(e, SYSTEM + [1, 2]) == (1, 42)  # the busy slot's cells and logits, copied
+    assert e._slots[1].last == (42, "logits of token 42")
+    e._copy(e._slots[0], e._slots[2], 41)
+    assert e._slots[2].last is None

@@ -9,8 +9,10 @@ a batch, the same number of tokens each (:func:`equal_take`); with ``invariant``
 (see :func:`chunk_end`). A new request joins the running batch at the next step; a finished
 or cancelled sequence frees its slot at once. A slot keeps the tokens it last held in the KV
 cache, so a prompt sharing a prefix with them (the earlier turns of a chat) reuses those
-cells instead of processing them again. A new request can also take a longer prefix (a
-system prompt) from any other slot, busy or not: llama.cpp copies that slot's KV stream.
+cells instead of processing them again, and a prompt it holds whole (the same request again,
+sampled anew) starts from the logits its last computation gave, with nothing computed. A new
+request can also take a longer prefix (a system prompt) from any other slot, busy or not:
+llama.cpp copies that slot's KV stream.
 Every slot keeps its own stream, and busy slots are kept next to each other (llama.cpp
 computes each run of consecutive streams as a pass of its own: :meth:`Engine._place`,
 :meth:`Engine._close_gaps`). How far a sequence's numbers depend on what runs beside it
@@ -74,6 +76,7 @@ class Job:
     text: ChoiceText | None = None   # the output as text (set on admission)
     done: bool = False
     follow: "Job | None" = None  # a sibling choice whose prompt cells and logits this one takes
+    stored: object = None        # the whole prompt was in its slot: these logits give its first token
 
 
 class Sink:
@@ -145,6 +148,9 @@ class Slot:
     job: Job | None = None
     used: int = 0                                      # when it last got a job (0: never)
     canon: int = 0                                     # leading cells computed as whole prompt chunks
+    # (n, logits): the logits of the first n tokens' last one, as the prompt of that length
+    # computed them (a copy); reused when the same prompt comes again (Engine._place)
+    last: tuple[int, object] | None = None
 
 
 def copy_worth(n_ctx_seq: int) -> int:
@@ -310,6 +316,7 @@ class Engine:
         self._prompt_decoded = 0      # prompt tokens llama.cpp processed (not reused)
         self._shared_prompt_batches = 0   # llama_decode calls that held several prompts
         self._moved = 0               # running sequences moved down into a gap (_close_gaps)
+        self._stored_starts = 0       # prompts held whole in a slot, started from its stored logits
         self._admitted = 0            # jobs given a slot so far (the clock of Slot.used)
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Lock()
@@ -384,6 +391,7 @@ class Engine:
             return {"busy_slots": sum(1 for s in self._slots if s.job), "queued": len(self._waiting),
                     "prompt_tokens_decoded": self._prompt_decoded,
                     "shared_prompt_batches": self._shared_prompt_batches, "moved_sequences": self._moved,
+                    "stored_logits_starts": self._stored_starts,
                     **threads}
 
     # ------------------------------------------------------------ engine thread
@@ -418,6 +426,7 @@ class Engine:
                     self._llama.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
                     slot.tokens.clear()
                     slot.canon = 0
+                    slot.last = None
 
     def _runnable(self, job: Job) -> bool:
         return job.sink.cancelled or not job.sink.full(job.index)
@@ -447,6 +456,9 @@ class Engine:
             self._admitted += 1
             slot.job, job.slot, slot.used = job, slot, self._admitted
             job.fed = keep
+            if keep == len(tokens):  # held whole, with its logits (_place): nothing to compute
+                job.stored = slot.last[1]
+                self._stored_starts += 1
             job.sampler = self._sampler(job.params, job.constraint)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             job.text = ChoiceText(job.prepared.stop, len(tokens), decoder.decode,
@@ -503,11 +515,16 @@ class Engine:
         still goes, and the batch stays whole.  When another slot (busy or not) holds a
         longer prefix, it is copied over (only with ``copy``) if that saves
         :func:`copy_worth` prompt tokens.  What may be reused is
-        :func:`reusable`'s."""
+        :func:`reusable`'s, or the whole prompt when a slot holds it with the logits its last
+        token got as that prompt's end (:attr:`Slot.last`): those are the numbers computing its
+        last two tokens again would give (the default promise), so none are computed."""
         n = len(tokens)
 
         def usable(s: Slot) -> int:
-            return reusable(_common_prefix(s.tokens, tokens), s.canon, n, exact, self._chunk)
+            common = _common_prefix(s.tokens, tokens)
+            if s.last is not None and s.last[0] == n == common:
+                return n
+            return reusable(common, s.canon, n, exact, self._chunk)
 
         own = {s.seq: usable(s) for s in free}
         shared = {s.seq: _common_prefix(s.tokens, tokens) for s in free}
@@ -538,6 +555,8 @@ class Engine:
         self._llama.llama_memory_seq_rm(self._memory, slot.seq, keep, -1)
         del slot.tokens[keep:]
         slot.canon = min(slot.canon, keep)
+        if slot.last is not None and slot.last[0] > keep:
+            slot.last = None
         return slot, keep
 
     def _copy(self, donor: Slot, slot: Slot, keep: int) -> None:
@@ -548,6 +567,7 @@ class Engine:
         self._llama.llama_memory_seq_rm(self._memory, slot.seq, keep, -1)
         slot.tokens[:] = donor.tokens[:keep]
         slot.canon = min(donor.canon, keep)
+        slot.last = donor.last if donor.last is not None and donor.last[0] <= keep else None
 
     def _move(self, source: Slot, target: Slot) -> None:
         """Give ``target`` all of ``source``'s cells and its place in the least-recently-used
@@ -576,8 +596,15 @@ class Engine:
             leader = job.follow
             if leader is not None and (leader.done or leader.slot is None):
                 job.follow = None
+        for job in active:  # prompts held whole: their first token from the stored logits
+            if job.stored is not None:
+                logits, job.stored = job.stored, None
+                if not job.sink.cancelled:
+                    self._prompt_done(job, logits, active)
         generating = []
         for job in active:
+            if job.done:
+                continue
             if job.sink.cancelled:
                 self._finish(job, "length")
             elif job.fed == len(job.prepared.tokens) and not job.sink.full(job.index):
@@ -658,17 +685,21 @@ class Engine:
             pending = [j for j in pending if not j.done and j.fed < len(j.prepared.tokens)]
         return budget
 
-    def _prompt_done(self, job: Job, idx: int, active: list[Job]) -> None:
-        """``job``'s whole prompt is in: its first token from batch output ``idx``.  Sibling
-        choices take the whole prompt's cells and its last logits: the same numbers as the first
-        choice, without processing the prompt again."""
+    def _prompt_done(self, job: Job, source: "int | object", active: list[Job]) -> None:
+        """``job``'s whole prompt is in: its first token from batch output ``source`` (or from
+        logits its slot stored, :attr:`Slot.last`).  Sibling choices take the whole prompt's
+        cells and its last logits: the same numbers as the first choice, without processing the
+        prompt again."""
         slot = job.slot   # before the first token, which may end the job and free it
-        self._emit(job, idx)
+        if isinstance(source, int) and not self._invariant:
+            # (--batch-invariant computes an exact request's prompt end anew every time)
+            slot.last = (len(job.prepared.tokens), self._logits(source).copy())
+        self._emit(job, source)
         for other in active:
             if other.follow is job and not other.done:
                 self._copy(slot, other.slot, len(other.prepared.tokens))
                 other.fed, other.follow = len(other.prepared.tokens), None
-                self._emit(other, idx)
+                self._emit(other, source)
 
     def _add(self, n: int, job: Job, token: int, logits: bool) -> None:
         """Put ``token`` of ``job``'s sequence at index ``n`` of the batch."""
@@ -691,14 +722,16 @@ class Engine:
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
 
-    def _emit(self, job: Job, idx: int) -> None:
-        """Sample the next token of ``job`` from batch output ``idx`` and pass it on."""
-        token = job.sampler.sample(self._ctx, idx)
+    def _emit(self, job: Job, source: "int | object") -> None:
+        """Sample the next token of ``job`` from batch output ``source`` (or from stored
+        logits) and pass it on."""
+        token = (job.sampler.sample(self._ctx, source) if isinstance(source, int)
+                 else self._sample_stored(job.sampler, source))
         if self._llama.llama_vocab_is_eog(self._vocab, token):
             self._finish(job, "stop")
             return
         piece = self._piece(token)
-        logprob = self._logprob(idx, token, piece, job.params.top_logprobs) if job.params.logprobs else None
+        logprob = self._logprob(source, token, piece, job.params.top_logprobs) if job.params.logprobs else None
         for chunk in job.text.add(piece, logprob):
             job.sink.put(job.index, chunk)
         if job.text.done:  # a stop string
@@ -745,11 +778,35 @@ class Engine:
         n = self._llama.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, False)
         return self._piece_buf.raw[: max(n, 0)]
 
-    def _logprob(self, idx: int, token: int, piece: bytes, top_n: int) -> TokenLogprob:
+    def _logits(self, idx: int):
+        """Batch output ``idx``'s logits, as a numpy view of llama.cpp's buffer."""
         import numpy as np
 
         ptr = self._llama.llama_get_logits_ith(self._ctx.ctx, idx)
-        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).astype(np.float64)
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    def _sample_stored(self, sampler, logits) -> int:
+        """What ``llama_sampler_sample`` does with a batch output's logits, done with stored
+        ones: every token a candidate, the chain applied, the chosen token accepted."""
+        import numpy as np
+
+        llama = self._llama
+        cur = np.zeros(len(logits), dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+        cur["id"] = np.arange(len(logits), dtype=np.int32)
+        cur["logit"] = logits
+        candidates = llama.llama_token_data_array(
+            data=cur.ctypes.data_as(ctypes.POINTER(llama.llama_token_data)), size=len(cur), selected=-1, sorted=False)
+        llama.llama_sampler_apply(sampler.sampler, ctypes.byref(candidates))
+        if not 0 <= candidates.selected < candidates.size:
+            raise RuntimeError("the sampler chose no token")
+        token = int(candidates.data[candidates.selected].id)
+        llama.llama_sampler_accept(sampler.sampler, token)
+        return token
+
+    def _logprob(self, source: "int | object", token: int, piece: bytes, top_n: int) -> TokenLogprob:
+        import numpy as np
+
+        logits = np.asarray(self._logits(source) if isinstance(source, int) else source, dtype=np.float64)
         peak = logits.max()
         lse = peak + math.log(float(np.exp(logits - peak).sum()))
         top: tuple[TopLogprob, ...] = ()
