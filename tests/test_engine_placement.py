@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from shimmy_core.plugin_api import PreparedPrompt
 from shimmy_plugins.backends.gguf.gguf_engine import (
-    Engine, Job, Sink, Slot, chunk_end, copy_worth, prompt_take, reusable, stream_runs,
+    Engine, Job, Sink, Slot, chunk_end, common_prefix, copy_worth, prompt_take, reusable, stream_runs,
 )
 
 
@@ -288,3 +288,44 @@ def test_a_copy_carries_stored_logits_only_with_all_their_cells():
     assert e._slots[1].last == (42, "logits of token 42")
     e._copy(e._slots[0], e._slots[2], 41)
     assert e._slots[2].last is None
+
+
+def test_common_prefix_compares_in_blocks_and_finds_the_first_difference():
+    import random
+
+    rng = random.Random(5)
+    for _ in range(3000):
+        base = [rng.randrange(3) for _ in range(rng.randrange(0, 700))]
+        a, b = base[:rng.randrange(0, len(base) + 1)], list(base[:rng.randrange(0, len(base) + 1)])
+        if b and rng.random() < 0.7:
+            b[rng.randrange(len(b))] = 9
+        expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == expected
+        assert common_prefix(a, b, block=7) == expected
+
+
+def test_a_prompt_given_as_a_tuple_is_placed():
+    long = list(range(1000, 1600))  # longer than a block of the comparison
+    e = engine([long + [1, 2, 9], []])
+    slot, keep = e._place(tuple(long + [1, 2, 3]), list(e._slots))
+    assert (slot.seq, keep) == (0, 601)
+
+
+
+def test_a_placement_that_fails_fails_its_request_and_the_engine_goes_on():
+    import collections
+
+    e = engine([SYSTEM, []])
+    e._waiting, e._invariant = collections.deque(), False
+    sinks = [Sink(lambda: None) for _ in range(2)]
+    for sink in sinks:
+        e._waiting.append(Job(0, PreparedPrompt(text="", tokens=(1, 2), stop=(), max_tokens=4), None, sink))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the placement")
+
+    e._place = broken
+    assert e._admit() == []
+    assert [type(s.error) for s in sinks] == [RuntimeError, RuntimeError]  # each told, none waits
+    assert all(s.admitted.is_set() for s in sinks) and not e._waiting
+    assert e._slots[0].tokens == [] and ("rm", 0, -1, -1) in e._llama.calls  # the slots start over

@@ -226,12 +226,18 @@ def stream_runs(seqs: Sequence[int]) -> int:
     return sum(1 for i, seq in enumerate(ids) if i == 0 or seq != ids[i - 1] + 1)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
+def common_prefix(a: list[int], b: list[int], block: int = 256) -> int:
+    """How many leading tokens the lists ``a`` and ``b`` share.  Whole blocks are compared as
+    slices (at C speed), then the block that differs token by token: a long chat's prompt
+    against every slot, at each admission, on the engine thread.  (Both must be lists: a list
+    slice never equals a tuple slice.)"""
+    n = min(len(a), len(b))
+    start = 0
+    while start < n:
+        end = min(start + block, n)
+        if a[start:end] != b[start:end]:
+            return next((i for i in range(start, end) if a[i] != b[i]), end)
+        start = end
     return n
 
 
@@ -423,10 +429,7 @@ class Engine:
                     job.sink.fail(exc)
                     self._release(job)
                 for slot in self._slots:  # the cache no longer matches what the slots recorded
-                    self._llama.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
-                    slot.tokens.clear()
-                    slot.canon = 0
-                    slot.last = None
+                    self._forget(slot)
 
     def _runnable(self, job: Job) -> bool:
         return job.sink.cancelled or not job.sink.full(job.index)
@@ -444,28 +447,39 @@ class Engine:
             if not free:
                 break
             self._waiting.popleft()
-            tokens = job.prepared.tokens
-            # The n choices of a request share one prompt: the first processes it, the others
-            # take its cells and logits once it is done, if that saves more than a copy costs.
-            leader = next((s.job for s in self._slots if s.job is not None and s.job.sink is job.sink
-                           and s.job.prepared is job.prepared and s.job.follow is None), None)
-            slot, keep = self._place(tokens, free, copy=leader is None,
-                                     exact=self._invariant and wants_exact(job.params))
-            if leader is not None and len(tokens) - 1 - keep >= self._worth:
-                job.follow = leader
-            self._admitted += 1
-            slot.job, job.slot, slot.used = job, slot, self._admitted
-            job.fed = keep
-            if keep == len(tokens):  # held whole, with its logits (_place): nothing to compute
-                job.stored = slot.last[1]
-                self._stored_starts += 1
-            job.sampler = self._sampler(job.params, job.constraint)
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            job.text = ChoiceText(job.prepared.stop, len(tokens), decoder.decode,
-                                  lambda d=decoder: d.decode(b"", final=True))
-            job.text.cached = keep
-            job.sink.admitted.set()
+            try:
+                self._give_slot(job, free)
+            except Exception as exc:  # a bug here must fail the request, not stop the engine
+                if job.slot is not None:
+                    self._release(job)
+                for slot in free:  # a placement cut short: what the slots recorded may be wrong
+                    self._forget(slot)
+                job.sink.fail(exc)
         return dropped
+
+    def _give_slot(self, job: Job, free: list[Slot]) -> None:
+        """Place ``job`` in one of the ``free`` slots and set it up to run (lock held)."""
+        tokens = job.prepared.tokens
+        # The n choices of a request share one prompt: the first processes it, the others
+        # take its cells and logits once it is done, if that saves more than a copy costs.
+        leader = next((s.job for s in self._slots if s.job is not None and s.job.sink is job.sink
+                       and s.job.prepared is job.prepared and s.job.follow is None), None)
+        slot, keep = self._place(tokens, free, copy=leader is None,
+                                 exact=self._invariant and wants_exact(job.params))
+        if leader is not None and len(tokens) - 1 - keep >= self._worth:
+            job.follow = leader
+        self._admitted += 1
+        slot.job, job.slot, slot.used = job, slot, self._admitted
+        job.fed = keep
+        if keep == len(tokens):  # held whole, with its logits (_place): nothing to compute
+            job.stored = slot.last[1]
+            self._stored_starts += 1
+        job.sampler = self._sampler(job.params, job.constraint)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        job.text = ChoiceText(job.prepared.stop, len(tokens), decoder.decode,
+                              lambda d=decoder: d.decode(b"", final=True))
+        job.text.cached = keep
+        job.sink.admitted.set()
 
     def _close_gaps(self) -> None:
         """Move running sequences down into free slots between busy ones, so that the busy
@@ -519,15 +533,16 @@ class Engine:
         token got as that prompt's end (:attr:`Slot.last`): those are the numbers computing its
         last two tokens again would give (the default promise), so none are computed."""
         n = len(tokens)
+        prompt = list(tokens)
+        shared = {s.seq: common_prefix(s.tokens, prompt) for s in self._slots}
 
         def usable(s: Slot) -> int:
-            common = _common_prefix(s.tokens, tokens)
+            common = shared[s.seq]
             if s.last is not None and s.last[0] == n == common:
                 return n
             return reusable(common, s.canon, n, exact, self._chunk)
 
         own = {s.seq: usable(s) for s in free}
-        shared = {s.seq: _common_prefix(s.tokens, tokens) for s in free}
         busy = [s.seq for s in self._slots if s.job is not None]
 
         def worth_keeping(s: Slot) -> bool:
@@ -545,6 +560,7 @@ class Engine:
                     and own[slot.seq] - own[tidy.seq] < self._worth):  # (else the prompt's cells would go)
                 if worth_keeping(tidy):
                     self._move(tidy, slot)
+                    shared[slot.seq] = shared[tidy.seq]  # it holds tidy's cells now
                 slot = tidy
         donor = max(self._slots, key=usable)
         best = usable(donor)
@@ -574,6 +590,13 @@ class Engine:
         order (``source`` keeps a copy until it is reused)."""
         self._copy(source, target, len(source.tokens))
         target.used = source.used
+
+    def _forget(self, slot: Slot) -> None:
+        """Empty ``slot``'s cells and what it recorded of them."""
+        self._llama.llama_memory_seq_rm(self._memory, slot.seq, -1, -1)
+        slot.tokens.clear()
+        slot.canon = 0
+        slot.last = None
 
     def _release(self, job: Job) -> None:
         slot = job.slot
