@@ -4,6 +4,10 @@ copied cells give the same text is proven on the real model in test_batching.py.
 
 from __future__ import annotations
 
+import collections
+import random
+import threading
+
 from shimmy_core.plugin_api import PreparedPrompt
 from shimmy_plugins.backends.gguf.gguf_engine import (
     Engine, Job, Sink, Slot, chunk_end, common_prefix, copy_worth, prompt_take, reusable, stream_runs,
@@ -291,8 +295,6 @@ def test_a_copy_carries_stored_logits_only_with_all_their_cells():
 
 
 def test_common_prefix_compares_in_blocks_and_finds_the_first_difference():
-    import random
-
     rng = random.Random(5)
     for _ in range(3000):
         base = [rng.randrange(3) for _ in range(rng.randrange(0, 700))]
@@ -312,9 +314,7 @@ def test_a_prompt_given_as_a_tuple_is_placed():
 
 
 
-def test_a_placement_that_fails_fails_its_request_and_the_engine_goes_on():
-    import collections
-
+def test_a_placement_that_fails_refuses_its_request_and_the_engine_goes_on():
     e = engine([SYSTEM, []])
     e._waiting, e._invariant = collections.deque(), False
     sinks = [Sink(lambda: None) for _ in range(2)]
@@ -325,7 +325,14 @@ def test_a_placement_that_fails_fails_its_request_and_the_engine_goes_on():
         raise RuntimeError("a bug in the placement")
 
     e._place = broken
-    assert e._admit() == []
-    assert [type(s.error) for s in sinks] == [RuntimeError, RuntimeError]  # each told, none waits
-    assert all(s.admitted.is_set() for s in sinks) and not e._waiting
+    dropped, refused = e._admit()
+    assert dropped == [] and not e._waiting
+    assert [(job.sink, type(exc)) for job, exc in refused] == [(sinks[0], RuntimeError), (sinks[1], RuntimeError)]
+    assert all(s.error is None for s in sinks)  # their sinks are told after the engine lock is let go
+    e._lock = threading.Lock()
+    e._wake, e._closing, e._chooser = threading.Condition(e._lock), True, None
+    e._waiting.extend(job for job, _ in refused)
+    e._run()  # one pass (closing): the refused requests hear of it, nothing hangs
+    assert [type(s.error) for s in sinks] == [RuntimeError, RuntimeError]
+    assert all(s.admitted.is_set() for s in sinks)
     assert e._slots[0].tokens == [] and ("rm", 0, -1, -1) in e._llama.calls  # the slots start over

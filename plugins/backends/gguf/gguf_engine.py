@@ -403,9 +403,13 @@ class Engine:
     # ------------------------------------------------------------ engine thread
     def _run(self) -> None:
         while True:
+            failure = None
             with self._lock:
-                dropped = self._admit()
-                self._close_gaps()
+                dropped, refused = self._admit()
+                try:
+                    self._close_gaps()
+                except Exception as exc:  # a bug: fail the running jobs as a failed step would
+                    failure = exc
                 active = [s.job for s in self._slots if s.job is not None]
                 closing = self._closing
                 idle = not any(self._runnable(j) for j in active)
@@ -418,11 +422,15 @@ class Engine:
             for job in dropped:  # gone before they got a slot
                 job.sink.put(job.index, Finish("length"))
                 job.sink.put(job.index, Usage(len(job.prepared.tokens), 0))
+            for job, exc in refused:
+                job.sink.fail(exc)
             if closing:
                 break
-            if idle:
+            if idle and failure is None:
                 continue
             try:
+                if failure is not None:
+                    raise failure
                 self._step(active)
             except Exception as exc:  # llama.cpp failed: fail the running jobs, keep serving
                 for job in active:
@@ -434,10 +442,11 @@ class Engine:
     def _runnable(self, job: Job) -> bool:
         return job.sink.cancelled or not job.sink.full(job.index)
 
-    def _admit(self) -> list[Job]:
-        """Give free slots to waiting jobs (called with the lock held); return the
-        waiting jobs dropped because their request was cancelled."""
-        dropped = []
+    def _admit(self) -> tuple[list[Job], list[tuple[Job, Exception]]]:
+        """Give free slots to waiting jobs (called with the lock held); return the waiting jobs
+        dropped because their request was cancelled, and those whose placement failed, with the
+        error (their sinks are told outside the lock)."""
+        dropped, refused = [], []
         while self._waiting:
             job = self._waiting[0]
             if job.sink.cancelled:
@@ -454,8 +463,8 @@ class Engine:
                     self._release(job)
                 for slot in free:  # a placement cut short: what the slots recorded may be wrong
                     self._forget(slot)
-                job.sink.fail(exc)
-        return dropped
+                refused.append((job, exc))
+        return dropped, refused
 
     def _give_slot(self, job: Job, free: list[Slot]) -> None:
         """Place ``job`` in one of the ``free`` slots and set it up to run (lock held)."""
