@@ -4,7 +4,7 @@ prompt with every slot's cells, under the engine lock, while every stream waits.
     .venv/bin/python bench/placement_cost.py [--slots 16] [--system 3000] [--history 500,20000]
 
 Each slot holds the same system prompt and a chat of its own; the request is one slot's chat
-and 50 new tokens.  No llama.cpp context: the engine's memory calls are recorded, not made.
+and 50 new tokens.  No llama.cpp context: the engine's memory calls do nothing.
 """
 
 from __future__ import annotations
@@ -13,16 +13,9 @@ import argparse
 import random
 import statistics
 import time
+from types import SimpleNamespace
 
 from shimmy_plugins.backends.gguf.gguf_engine import Engine, Slot, copy_worth
-
-
-class Recorder:
-    def llama_memory_seq_rm(self, *args) -> None:
-        pass
-
-    def llama_memory_seq_cp(self, *args) -> None:
-        pass
 
 
 def main() -> None:
@@ -40,7 +33,8 @@ def main() -> None:
         times = []
         for run in range(args.runs):
             engine = object.__new__(Engine)  # the placement state only
-            engine._llama, engine._memory, engine._worth, engine._chunk = Recorder(), None, copy_worth(32768), 128
+            engine._llama = SimpleNamespace(llama_memory_seq_rm=lambda *a: None, llama_memory_seq_cp=lambda *a: None)
+            engine._memory, engine._worth, engine._chunk = None, copy_worth(32768), 128
             engine._slots = [Slot(i, list(chat), used=i + 1) for i, chat in enumerate(chats)]
             prompt = chats[run % args.slots] + [rng.randrange(50000) for _ in range(50)]
             start = time.perf_counter()

@@ -130,6 +130,9 @@ def test_what_an_exact_request_may_reuse():
     assert reusable(common=50, canon=0, n_prompt=60, exact=False, chunk=16) == 50
     assert reusable(common=60, canon=0, n_prompt=60, exact=False, chunk=16) == 58
     assert reusable(common=1, canon=0, n_prompt=1, exact=False, chunk=16) == 0
+    assert reusable(common=60, canon=0, n_prompt=60, exact=False, chunk=16, stored=60) == 60  # logits kept
+    assert reusable(common=60, canon=0, n_prompt=60, exact=False, chunk=16, stored=62) == 58
+    assert reusable(common=59, canon=0, n_prompt=60, exact=False, chunk=16, stored=60) == 58
     # whole chunks only for an exact request (--batch-invariant): what a fresh prompt computes the same way
     assert reusable(common=50, canon=48, n_prompt=60, exact=True, chunk=16) == 48
     assert reusable(common=50, canon=20, n_prompt=60, exact=True, chunk=16) == 16

@@ -177,9 +177,13 @@ def chunk_end(pos: int, n_prompt: int, chunk: int) -> int:
     return min(n_prompt, (pos // chunk + 1) * chunk)
 
 
-def reusable(common: int, canon: int, n_prompt: int, exact: bool, chunk: int) -> int:
+def reusable(common: int, canon: int, n_prompt: int, exact: bool, chunk: int, stored: int = 0) -> int:
     """How many cells of a slot a prompt may reuse: ``common`` tokens agree, the first ``canon``
-    cells were computed as whole chunks (:func:`chunk_end`).
+    cells were computed as whole chunks (:func:`chunk_end`), and the slot keeps the logits its
+    first ``stored`` tokens ended with as a prompt (:attr:`Slot.last`; 0: none).
+
+    All of them when the slot holds the whole prompt with those logits: the first token comes
+    from them, the numbers computing the last two tokens again would give.
 
     By default every agreeing cell but those of the last two prompt tokens: llama.cpp computes
     a sequence's attention with a dot product per row when the batch holds one token of it and
@@ -190,6 +194,8 @@ def reusable(common: int, canon: int, n_prompt: int, exact: bool, chunk: int) ->
     chunks, so that it computes the rest exactly as a fresh prompt would, whatever the weight
     types: cells of a chunk cut short, or of generated tokens (computed one per step, beside
     other streams), are computed again."""
+    if stored == n_prompt == common:
+        return n_prompt
     if exact:
         return max(min(common, canon, n_prompt - 1) // chunk * chunk, 0)
     return max(min(common, n_prompt - 2), 0)
@@ -426,18 +432,22 @@ class Engine:
                 job.sink.fail(exc)
             if closing:
                 break
-            if idle and failure is None:
-                continue
-            try:
-                if failure is not None:
-                    raise failure
-                self._step(active)
-            except Exception as exc:  # llama.cpp failed: fail the running jobs, keep serving
-                for job in active:
-                    job.sink.fail(exc)
-                    self._release(job)
-                for slot in self._slots:  # the cache no longer matches what the slots recorded
-                    self._forget(slot)
+            if failure is not None:
+                self._fail_running(active, failure)
+            elif not idle:
+                try:
+                    self._step(active)
+                except Exception as exc:  # llama.cpp failed: fail the running jobs, keep serving
+                    self._fail_running(active, exc)
+
+    def _fail_running(self, active: list[Job], exc: Exception) -> None:
+        """End the running jobs with ``exc`` and empty every slot: the cache no longer matches
+        what the slots recorded."""
+        for job in active:
+            job.sink.fail(exc)
+            self._release(job)
+        for slot in self._slots:
+            self._forget(slot)
 
     def _runnable(self, job: Job) -> bool:
         return job.sink.cancelled or not job.sink.full(job.index)
@@ -537,19 +547,14 @@ class Engine:
         of its stream) and the request takes the other slot: the least recently used history
         still goes, and the batch stays whole.  When another slot (busy or not) holds a
         longer prefix, it is copied over (only with ``copy``) if that saves
-        :func:`copy_worth` prompt tokens.  What may be reused is
-        :func:`reusable`'s, or the whole prompt when a slot holds it with the logits its last
-        token got as that prompt's end (:attr:`Slot.last`): those are the numbers computing its
-        last two tokens again would give (the default promise), so none are computed."""
+        :func:`copy_worth` prompt tokens.  What may be reused is :func:`reusable`'s (the whole
+        prompt when a slot holds it with its stored logits)."""
         n = len(tokens)
         prompt = list(tokens)
         shared = {s.seq: common_prefix(s.tokens, prompt) for s in self._slots}
 
         def usable(s: Slot) -> int:
-            common = shared[s.seq]
-            if s.last is not None and s.last[0] == n == common:
-                return n
-            return reusable(common, s.canon, n, exact, self._chunk)
+            return reusable(shared[s.seq], s.canon, n, exact, self._chunk, s.last[0] if s.last else 0)
 
         own = {s.seq: usable(s) for s in free}
         busy = [s.seq for s in self._slots if s.job is not None]
