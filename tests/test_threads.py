@@ -95,12 +95,34 @@ def test_the_chooser_tries_each_count_then_keeps_the_fastest_and_looks_again_now
     warm = ThreadChooser.WARMUP
     picked = run_steps(chooser, clock, 2 * warm + 1, {2: 0.010, 1: 0.020})
     assert picked == [2] * warm + [1] * warm + [2]   # then the faster
-    later = run_steps(chooser, clock, 4 * ThreadChooser.EXPLORE_EVERY, {2: 0.010, 1: 0.020})
-    assert later.count(1) == 4 and later.count(2) == len(later) - 4   # one look at 1 thread per 32 steps
-    # Another process takes a core: two threads now wait at every barrier.
+    later = run_steps(chooser, clock, 2000, {2: 0.010, 1: 0.020})
+    looks = [i for i, n in enumerate(later) if n == 1]
+    gaps = [b - a for a, b in zip(looks, looks[1:])]
+    # each look finds 1 thread clearly slower: the steps between looks double, up to a limit
+    assert gaps[:4] == [2 * ThreadChooser.EXPLORE_EVERY, 4 * ThreadChooser.EXPLORE_EVERY,
+                        ThreadChooser.EXPLORE_MAX, ThreadChooser.EXPLORE_MAX]
+    assert set(gaps[3:]) == {ThreadChooser.EXPLORE_MAX}
+    # Another process takes a core: two threads now wait at every barrier.  Every step counts
+    # against 2, so 1 takes over within a few steps, with no look needed.
     slower = run_steps(chooser, clock, 8 * ThreadChooser.EXPLORE_EVERY, {2: 0.200, 1: 0.025})
-    assert slower[-2 * ThreadChooser.EXPLORE_EVERY:].count(2) <= 2   # only the looks
+    assert slower[:12].count(1) >= 4
+    looks = [i for i, n in enumerate(slower) if n == 2 and i >= 12]   # then only the looks,
+    every = ThreadChooser.EXPLORE_EVERY                                   # starting over
+    assert [b - a for a, b in zip(looks, looks[1:])] == [every, 2 * every, 4 * every]
     assert chooser.best() == 1
+    # The process ends: the next look at 2 threads finds it faster, and it is used at once.
+    again = run_steps(chooser, clock, ThreadChooser.EXPLORE_MAX + 2, {2: 0.010, 1: 0.025})
+    first = again.index(2)
+    assert again[first:] == [2] * len(again[first:])
+    assert chooser.best() == 2
+
+
+def test_looks_stay_frequent_while_the_counts_are_close():
+    clock = Clock()
+    chooser = ThreadChooser([1, 2], clock)
+    picked = run_steps(chooser, clock, 2 * ThreadChooser.WARMUP + 8 * ThreadChooser.EXPLORE_EVERY,
+                       {2: 0.010, 1: 0.0105})
+    assert picked[2 * ThreadChooser.WARMUP:].count(1) >= 7   # one look per EXPLORE_EVERY steps
 
 
 def test_an_interval_broken_by_other_work_is_not_counted():

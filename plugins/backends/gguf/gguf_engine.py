@@ -256,13 +256,25 @@ class ThreadChooser:
     machine, other processes (OpenMP threads that wait at a barrier for a descheduled sibling
     make a step many times slower).  So the engine times the interval from one one-token step to
     the next (the decode and all the Python around it) for each candidate, keeps a moving
-    average, and uses the fastest: each candidate first gets ``WARMUP`` steps, then every
-    ``EXPLORE_EVERY``-th step tries another, so that a change (another process starting) is seen.
-    An interval broken by anything else (a prompt chunk, another stream, an idle wait) is not
-    counted.  Thread counts do not change llama.cpp's numbers: only speed is at stake."""
+    average, and uses the fastest: each candidate first gets ``WARMUP`` steps, then now and
+    then one step tries another (a look), so that a change is seen.
+
+    A look costs a slow step (one thread instead of two took 20.5 against 12.6 ms here, so a
+    look every 32 steps cost 2% of one stream's speed).  So the steps between looks double,
+    from ``EXPLORE_EVERY`` up to ``EXPLORE_MAX``, while looks keep finding the other count more
+    than ``CLEARLY`` slower, and go back to ``EXPLORE_EVERY`` when one does not.  A change is
+    still seen soon: when the count in use slows (another process takes a core), every step
+    counts against it and the other wins within a few steps; when a look finds the other count
+    faster than the one in use, it is used from the next step on.  A change of the count in use
+    starts the looks over at ``EXPLORE_EVERY``, and a single slow step (a passing preemption)
+    counts as at most twice the average, so that it cannot switch counts alone.  An interval
+    broken by anything else (a prompt chunk, another stream, an idle wait) is not counted.
+    Thread counts do not change llama.cpp's numbers: only speed is at stake."""
 
     WARMUP = 8
     EXPLORE_EVERY = 32
+    EXPLORE_MAX = 256
+    CLEARLY = 1.10
     ALPHA = 0.2
 
     def __init__(self, choices: Sequence[int], clock: Callable[[], float] = time.perf_counter):
@@ -271,7 +283,11 @@ class ThreadChooser:
         self.samples = dict.fromkeys(self.choices, 0)
         self._clock = clock
         self._last: tuple[float, int] | None = None
+        self._looking = False      # the step being timed is a look
         self._steps = 0
+        self._gap = self.EXPLORE_EVERY
+        self._next_look = self.EXPLORE_EVERY
+        self._looks = 0
 
     def interrupt(self) -> None:
         """The next one-token step does not follow one directly: no interval to count."""
@@ -286,21 +302,38 @@ class ThreadChooser:
         now = self._clock()
         if self._last is not None:
             started, n = self._last
-            seconds = now - started
-            old = self.mean[n]
-            self.mean[n] = seconds if old is None else old + self.ALPHA * (seconds - old)
-            self.samples[n] += 1
+            self._count(n, now - started)
         self._steps += 1
         unsure = [n for n in self.choices if self.samples[n] < self.WARMUP]
+        self._looking = False
         if unsure:
             choice = unsure[0]
-        elif self._steps % self.EXPLORE_EVERY == 0:
+        elif self._steps >= self._next_look:
             others = [n for n in self.choices if n != self.best()]
-            choice = others[(self._steps // self.EXPLORE_EVERY) % len(others)]
+            choice = others[self._looks % len(others)]
+            self._looks += 1
+            self._looking = True
+            self._next_look = self._steps + self._gap
         else:
             choice = self.best()
         self._last = (now, choice)
         return choice
+
+    def _count(self, n: int, seconds: float) -> None:
+        in_use = self.best()
+        best = self.mean[in_use]
+        old = self.mean[n]
+        # one step slowed by a passing preemption moves the average by at most ALPHA
+        self.mean[n] = seconds if old is None else old + self.ALPHA * (min(seconds, 2 * old) - old)
+        self.samples[n] += 1
+        if self._looking and best is not None:
+            if seconds < best:
+                self.mean[n] = seconds      # faster than the count in use: take it from now on
+            self._gap = min(2 * self._gap, self.EXPLORE_MAX) if seconds > best * self.CLEARLY else self.EXPLORE_EVERY
+            self._next_look = self._steps + self._gap
+        elif self.best() != in_use:         # the count in use slowed: look often again
+            self._gap = self.EXPLORE_EVERY
+            self._next_look = self._steps + self._gap
 
 
 class Engine:
