@@ -79,6 +79,29 @@ class Job:
     stored: object = None        # the whole prompt was in its slot: these logits give its first token
 
 
+class Greedy:
+    """What llama.cpp's chain of a logit bias and greedy picks, without building its candidate
+    array: the first token with the highest logit after the bias.
+
+    ``llama_sampler_sample`` copies every logit into a candidate array, adds the biases, then
+    scans it: 48 us a token for SmolLM2's 49,152-token vocabulary alone, 147 us in a busy
+    server, on the one-stream critical path.  ``numpy.argmax`` returns the first maximum, as
+    llama.cpp's ``>`` scan does, and the bias is the same float32 addition, so the token is the
+    same."""
+
+    def __init__(self, bias: Sequence[tuple[int, float]], n_vocab: int):
+        import numpy as np
+
+        self._bias = [(t, np.float32(b)) for t, b in bias if 0 <= t < n_vocab]
+
+    def pick(self, logits) -> int:
+        if self._bias:
+            logits = logits.copy()
+            for token, bias in self._bias:
+                logits[token] += bias
+        return int(logits.argmax())
+
+
 class Sink:
     """Where the engine puts a request's chunks and the request thread reads them."""
 
@@ -795,8 +818,13 @@ class Engine:
     def _emit(self, job: Job, source: "int | object") -> None:
         """Sample the next token of ``job`` from batch output ``source`` (or from stored
         logits) and pass it on."""
-        token = (job.sampler.sample(self._ctx, source) if isinstance(source, int)
-                 else self._sample_stored(job.sampler, source))
+        sampler = job.sampler
+        if isinstance(sampler, Greedy):
+            token = sampler.pick(self._logits(source) if isinstance(source, int) else source)
+        elif isinstance(source, int):
+            token = sampler.sample(self._ctx, source)
+        else:
+            token = self._sample_stored(sampler, source)
         if self._llama.llama_vocab_is_eog(self._vocab, token):
             self._finish(job, "stop")
             return
@@ -815,6 +843,8 @@ class Engine:
     def _sampler(self, params: SamplingParams, constraint: tuple[str, str | None] | None):
         from llama_cpp._internals import LlamaSampler
 
+        if params.temperature == 0 and constraint is None and not (params.presence_penalty or params.frequency_penalty):
+            return Greedy(params.logit_bias, self._n_vocab)
         sampler = LlamaSampler()
         if constraint is not None:
             grammar, trigger = constraint
