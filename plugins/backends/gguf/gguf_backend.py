@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 SYSFS_CPU = "/sys/devices/system/cpu"
+UBATCH_WITHOUT_FLASH = 256   # most tokens llama.cpp computes at once when flash attention is off
 
 
 def usable_cpus() -> list[int]:
@@ -127,7 +128,10 @@ class GGUFBackend:
         cparams.kv_unified = False
         cparams.n_threads, cparams.n_threads_batch = threads, batch_threads
         cparams.no_perf = True
-        context_attention(llama_cpp, cparams, settings, plan)
+        if context_attention(llama_cpp, cparams, settings, plan) == "off":
+            # Without flash attention each layer's scores fill a cells x ubatch x heads matrix:
+            # 512-token ubatches prefilled 4,000 tokens 2-5% slower than 256 (docs/performance.md)
+            cparams.n_ubatch = min(cparams.n_batch, UBATCH_WITHOUT_FLASH)
         try:
             ctx = LlamaContext(model=lmodel, params=cparams, verbose=False)
         except ValueError as exc:
