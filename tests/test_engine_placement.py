@@ -10,6 +10,8 @@ import threading
 
 from shimmy_core.plugin_api import PreparedPrompt
 from shimmy_plugins.backends.gguf.gguf_engine import (
+    KV_PAD,
+    aligned_take,
     Engine, Job, Sink, Slot, chunk_end, common_prefix, copy_worth, prompt_take, reusable, stream_runs,
 )
 
@@ -339,3 +341,36 @@ def test_a_placement_that_fails_refuses_its_request_and_the_engine_goes_on():
     assert [type(s.error) for s in sinks] == [RuntimeError, RuntimeError]
     assert all(s.admitted.is_set() for s in sinks)
     assert e._slots[0].tokens == [] and ("rm", 0, -1, -1) in e._llama.calls  # the slots start over
+
+
+def chunks_of(start: int, n: int, budget: int) -> list[tuple[int, int]]:
+    """The chunks the engine's step loop cuts a prompt into, one whole budget per step."""
+    chunks = []
+    while start < n:
+        left, first = budget, True
+        while start < n:
+            take = aligned_take(start, n - start, left, first)
+            first = False
+            if not take:
+                break
+            assert 2 <= take <= left or take == n - start == 1
+            chunks.append((start, start + take))
+            start, left = start + take, left - take
+        assert chunks and chunks[-1][1] == start   # every step moves on
+    return chunks
+
+
+def test_prompt_chunks_end_on_the_kv_padding_and_never_hold_one_token():
+    rng = random.Random(3)
+    for _ in range(2000):
+        start = rng.randrange(0, 1000)
+        n = start + rng.randrange(2, 1500)
+        budget = rng.choice([KV_PAD, 128, 512])
+        chunks = chunks_of(start, n, budget)
+        assert chunks[0][0] == start and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert all(b - a >= 2 for a, b in chunks)
+        if budget >= KV_PAD:  # after the first chunk or two, every chunk ends on a multiple but the
+            assert all(b % KV_PAD == 0 for _, b in chunks[2:-2])   # last two (no remainder of one)
+    assert chunks_of(30, 1100, KV_PAD) == [(30, 256), (256, 512), (512, 768), (768, 1024), (1024, 1100)]
+    assert chunks_of(255, 800, KV_PAD)[:2] == [(255, 257), (257, 512)]   # never a lone token
+    assert chunks_of(511, 515, KV_PAD) == [(511, 515)]                    # a last chunk is not cut

@@ -130,8 +130,10 @@ class GGUFBackend:
         cparams.no_perf = True
         if context_attention(llama_cpp, cparams, settings, plan) == "off":
             # Without flash attention each layer's scores fill a cells x ubatch x heads matrix:
-            # 512-token ubatches prefilled 4,000 tokens 2-5% slower than 256 (docs/performance.md)
-            cparams.n_ubatch = min(cparams.n_batch, UBATCH_WITHOUT_FLASH)
+            # 512-token ubatches prefilled 4,000 tokens 2-5% slower than 256 (docs/performance.md).
+            # n_batch stays n_ubatch: llama.cpp never splits a decode, so no split leaves a
+            # prompt token alone (the engine's determinism rules see every batch whole).
+            cparams.n_batch = cparams.n_ubatch = min(cparams.n_batch, UBATCH_WITHOUT_FLASH)
         try:
             ctx = LlamaContext(model=lmodel, params=cparams, verbose=False)
         except ValueError as exc:
