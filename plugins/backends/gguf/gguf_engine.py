@@ -708,10 +708,15 @@ class Engine:
         self._release(job)
 
     def _step(self, active: list[Job]) -> None:
-        """One step: the next token of every generating sequence in one ``llama_decode``, then
-        prompt chunks, each in a ``llama_decode`` of its own, as many as the step's budget holds.
+        """One step: prompt chunks, each in a ``llama_decode`` of its own, as many as the step's
+        budget holds, then the next token of every generating sequence in one ``llama_decode``.
         A prompt chunk never shares a batch: llama.cpp would cut it into pieces as long as the
-        other sequences' parts (a lone token beside a decoding sequence)."""
+        other sequences' parts (a lone token beside a decoding sequence).
+
+        Prompts go first: a request admitted at this step gets its first token one generating
+        decode sooner (what llama-server's mixed batch gives it), and a prompt finished here
+        generates in this step's batch.  The running streams lose nothing: a step holds the same
+        decodes in either order, so the time between their tokens is the same."""
         for job in active:  # a sibling that went away before its prompt was in: go it alone
             leader = job.follow
             if leader is not None and (leader.done or leader.slot is None):
@@ -721,16 +726,17 @@ class Engine:
                 logits, job.stored = job.stored, None
                 if not job.sink.cancelled:
                     self._prompt_done(job, logits, active)
-        generating = []
         for job in active:
-            if job.done:
-                continue
-            if job.sink.cancelled:
+            if not job.done and job.sink.cancelled:
                 self._finish(job, "length")
-            elif job.fed == len(job.prepared.tokens) and not job.sink.full(job.index):
-                generating.append(job)
+        will_generate = any(self._generates(job) for job in active)
+        decoded = self._prompt_decoded
+        self._prefill(active, self._n_batch if not will_generate
+                      else min(self._n_batch, PREFILL_CHUNK_WHILE_DECODING))
+        generating = [job for job in active if self._generates(job)]
         if self._chooser is not None:
-            prefilling = any(not j.done and j.fed < len(j.prepared.tokens) for j in active)
+            prefilling = self._prompt_decoded != decoded or any(
+                not j.done and j.fed < len(j.prepared.tokens) for j in active)
             if len(generating) == 1 and not prefilling:
                 self._set_threads(self._chooser.pick())
             else:
@@ -741,7 +747,13 @@ class Engine:
             self._decode(len(generating))
             for i, job in enumerate(generating):
                 self._emit(job, i)
-        budget = self._n_batch if not generating else min(self._n_batch, PREFILL_CHUNK_WHILE_DECODING)
+
+    @staticmethod
+    def _generates(job: Job) -> bool:
+        return not job.done and job.fed == len(job.prepared.tokens) and not job.sink.full(job.index)
+
+    def _prefill(self, active: list[Job], budget: int) -> None:
+        """This step's prompt chunks, ``budget`` tokens in all."""
         if not self._invariant:
             budget = self._prefill_together(active, budget)
         for job in active:
