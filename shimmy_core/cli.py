@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_thread_flags(serve)
     serve.add_argument("--queue-size", type=int, help="requests that may wait for a slot before 503 (default 16)")
     serve.add_argument("--queue-timeout", type=float, help="seconds a request may wait for a slot (default 60)")
-    serve.add_argument("--batch-size", type=int, help="most prompt tokens llama.cpp processes per step (512)")
+    serve.add_argument("--batch-size", type=int, help="most prompt tokens llama.cpp processes per step (512; GGUF without flash attention: at most 256)")
     serve.add_argument("--batch-invariant", action="store_const", const=True,
                        help="GGUF models: load weights unrepacked, so that a stream's numbers never depend "
                             "on how many others share its steps (slower prompts for Q4_0/Q4_K/IQ4_NL)")
