@@ -255,7 +255,7 @@ def aligned_take(start: int, remaining: int, budget: int, first: bool) -> int:
         end = min(end, (start // KV_PAD + 1) * KV_PAD)
     if end - start == 1 and budget >= 2:
         end = start + 2
-    if start + 2 <= end < start + remaining:
+    if end - start >= 2:  # (end < start + remaining: the remaining prompt exceeds the budget)
         take = prompt_take(remaining, end - start)
         if take:
             return take
@@ -861,7 +861,7 @@ class Engine:
         logits) and pass it on."""
         sampler = job.sampler
         if isinstance(sampler, Greedy):
-            token = sampler.pick(self._logits(source) if isinstance(source, int) else source)
+            token = sampler.pick(self._logits(source))
         elif isinstance(source, int):
             token = sampler.sample(self._ctx, source)
         else:
@@ -919,11 +919,14 @@ class Engine:
         n = self._llama.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, False)
         return self._piece_buf.raw[: max(n, 0)]
 
-    def _logits(self, idx: int):
-        """Batch output ``idx``'s logits, as a numpy view of llama.cpp's buffer."""
+    def _logits(self, source: "int | object"):
+        """The logits ``source`` stands for: batch output ``source`` as a numpy view of
+        llama.cpp's buffer, or stored logits (:attr:`Slot.last`) as they are."""
         import numpy as np
 
-        ptr = self._llama.llama_get_logits_ith(self._ctx.ctx, idx)
+        if not isinstance(source, int):
+            return source
+        ptr = self._llama.llama_get_logits_ith(self._ctx.ctx, source)
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
 
     def _sample_stored(self, sampler, logits) -> int:
@@ -947,7 +950,7 @@ class Engine:
     def _logprob(self, source: "int | object", token: int, piece: bytes, top_n: int) -> TokenLogprob:
         import numpy as np
 
-        logits = np.asarray(self._logits(source) if isinstance(source, int) else source, dtype=np.float64)
+        logits = np.asarray(self._logits(source), dtype=np.float64)
         peak = logits.max()
         lse = peak + math.log(float(np.exp(logits - peak).sum()))
         top: tuple[TopLogprob, ...] = ()
